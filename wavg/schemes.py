@@ -1,0 +1,96 @@
+"""Weights for the averaging schemes: pure functions, no I/O.
+
+Weights are returned in file order, oldest first and newest last, normalised to sum to 1.
+With i = 1 for the newest of n checkpoints:
+
+- ``equal``:  1/n each;
+- ``linear``: (n - i + 1)/n, the newest counts most;
+- ``exp``:    exp(-i/alpha); computed as exp(-(i-1)/alpha), which normalises to the same
+  weights but never underflows to an all-zero vector for a tiny alpha.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from wavg.errors import UsageError
+
+SCHEMES = ("equal", "linear", "exp")
+DEFAULT_ALPHA = 2.0
+
+
+def scheme_weights(
+    n: int,
+    scheme: str = "equal",
+    alpha: float = DEFAULT_ALPHA,
+    weights: Sequence[float] | None = None,
+) -> np.ndarray:
+    """Normalised float64 weights for `n` checkpoints in file order (oldest first).
+
+    `weights`, when given, are custom raw weights in the same order and override `scheme`
+    (pass ``scheme="custom"`` or leave the default). Raises `UsageError` for anything that
+    cannot be a weighting: n < 1, an unknown scheme, alpha <= 0, or custom weights that are
+    the wrong count, negative, non-finite or sum to zero.
+
+    >>> scheme_weights(3, "linear").round(3).tolist()
+    [0.167, 0.333, 0.5]
+    """
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+        raise UsageError(f"need at least one checkpoint to average, got {n!r}")
+    if weights is not None:
+        if scheme not in ("equal", "custom"):
+            raise UsageError("give either a scheme or custom weights, not both")
+        return normalise(weights, n)
+    if scheme == "equal":
+        raw = np.ones(n)
+    elif scheme == "linear":
+        raw = np.arange(1, n + 1, dtype=np.float64) / n
+    elif scheme == "exp":
+        if not (isinstance(alpha, int | float) and math.isfinite(alpha) and alpha > 0):
+            raise UsageError(f"--alpha must be a positive number, got {alpha!r}")
+        age = np.arange(n - 1, -1, -1, dtype=np.float64)  # 0 for the newest
+        raw = np.exp(-age / alpha)
+    elif scheme == "custom":
+        raise UsageError("scheme 'custom' needs --weights")
+    else:
+        raise UsageError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    return raw / raw.sum()
+
+
+def normalise(weights: Sequence[float], n: int) -> np.ndarray:
+    """Check custom weights for `n` checkpoints and scale them to sum to 1."""
+    try:
+        raw = np.asarray([float(w) for w in weights], dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"weights must be numbers: {exc}") from None
+    if raw.size != n:
+        raise UsageError(f"got {raw.size} weights for {n} checkpoints; give one per checkpoint")
+    if not np.isfinite(raw).all():
+        raise UsageError("weights must be finite numbers")
+    if (raw < 0).any():
+        raise UsageError("weights must not be negative")
+    total = raw.sum()
+    if not total > 0:
+        raise UsageError("weights must not all be zero")
+    return raw / total
+
+
+def parse_weight_list(text: str) -> list[float]:
+    """Parse the CLI's ``--weights 1,2,3`` into floats, with a usage error for bad items."""
+    items = [item.strip() for item in text.split(",")]
+    try:
+        return [float(item) for item in items]
+    except ValueError:
+        bad = next(item for item in items if not _is_float(item))
+        raise UsageError(f"--weights: {bad!r} is not a number") from None
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
