@@ -68,5 +68,89 @@ def _install_signal_handlers() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
 
+# --- train-save and evaluate ---
+# Both import TensorFlow/Keras only inside the command, so `wavg combine` never pays for it.
+
+
+@cli.command("train-save")
+@click.option("--epochs", type=int, default=500, show_default=True, help="Epochs to train.")
+@click.option("--keep", type=int, default=10, show_default=True, help="Keep the last K epochs.")
+@click.option(
+    "--optimizer",
+    type=click.Choice(["adam", "sgd"]),
+    default=None,
+    help="Built-in model only: adam (default) or sgd (lr 0.01, momentum 0.9).",
+)
+@click.option("--seed", type=int, default=None, help="Make the run deterministic.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["h5", "keras", "weights.h5"]),
+    default="h5",
+    show_default=True,
+    help="Checkpoint format: legacy .h5 model, .keras model, or .weights.h5.",
+)
+@click.option("--out-dir", default="checkpoints", show_default=True, help="Where to save.")
+@click.option("--data", default="blobs", show_default=True, help="'blobs' or FILE.npz.")
+@click.option("--model", "model_file", default=None, help="Train this compiled FILE.keras.")
+@click.option("--custom-objects", default=None, help="Module defining the model's classes.")
+@click.option("--trust-file", is_flag=True, help="Load --model even if it holds code.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
+def train_save_command(
+    epochs: int,
+    keep: int,
+    optimizer: str | None,
+    seed: int | None,
+    fmt: str,
+    out_dir: str,
+    data: str,
+    model_file: str | None,
+    custom_objects: str | None,
+    trust_file: bool,
+    quiet: bool,
+) -> None:
+    """Train the case-study model (or --model) and keep its last K epochs as checkpoints."""
+    from wavg.train import train_save
+
+    with _epoch_progress(enabled=not quiet) as progress:
+        task = progress.add_task("training", total=epochs)
+        result = train_save(
+            out_dir,
+            epochs=epochs,
+            keep=keep,
+            optimizer=optimizer,
+            seed=seed,
+            fmt=fmt,
+            data=data,
+            model=model_file,
+            custom_objects=custom_objects,
+            trust=trust_file,
+            on_epoch=lambda done, total, logs: progress.update(task, completed=done),
+        )
+    if not quiet:
+        scores = ", ".join(f"{name} {value:.4f}" for name, value in result.metrics.items())
+        click.echo(
+            f"saved {len(result.files)} checkpoints {result.files[0].name} ... "
+            f"{result.files[-1].name} in {result.files[0].parent} "
+            f"({result.epochs} epochs in {result.seconds:.1f} s; last epoch: {scores})"
+        )
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _epoch_progress(enabled: bool):
+    """A rich progress bar on an interactive stderr; renders nothing in pipes, CI or --quiet."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    console = _stderr_console()
+    columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    show = enabled and console.is_terminal
+    return Progress(*columns, console=console, transient=True, disable=not show)
+
+
 if __name__ == "__main__":
     sys.exit(main())

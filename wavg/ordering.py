@@ -74,7 +74,9 @@ def order_checkpoints(
         if isinstance(last, bool) or not isinstance(last, int) or last < 1:
             raise UsageError(f"--last must be a positive whole number, got {last!r}")
         if last > len(ordered):
-            raise UsageError(f"--last {last} asks for more checkpoints than the {len(ordered)} given")
+            raise UsageError(
+                f"--last {last} asks for more checkpoints than the {len(ordered)} given"
+            )
         ordered = ordered[-last:]
     return ordered
 

@@ -1,0 +1,50 @@
+"""Checkpoint formats: open any supported file as a `Checkpoint` and write its like.
+
+The format is recognised from the file's bytes, not its name: a zip archive is a ``.keras``
+model, an HDF5 file is a legacy ``.h5`` model, legacy weights or Keras 3 ``.weights.h5``
+(told apart by their layout, see `layouts`).
+"""
+
+from __future__ import annotations
+
+from wavg.checkpoint.base import Checkpoint, Writer
+from wavg.checkpoint.hdf5 import Tensor, iter_blocks
+from wavg.checkpoint.inputfile import InputFile
+from wavg.errors import CheckpointError
+
+__all__ = ["Checkpoint", "Tensor", "Writer", "iter_blocks", "open_checkpoint"]
+
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+_ZIP_SIGNATURE = b"PK\x03\x04"
+
+
+def open_checkpoint(path: str) -> Checkpoint:
+    """Open `path` read-only and list its tensors; raises `CheckpointError` if it is unusable."""
+    file = InputFile(path)
+    try:
+        kind = _sniff(file)
+        if kind == "zip":
+            from wavg.checkpoint.keras_zip import KerasCheckpoint
+
+            return KerasCheckpoint(file)
+        from wavg.checkpoint.h5file import H5Checkpoint
+
+        return H5Checkpoint(file)
+    except BaseException:
+        file.release()
+        raise
+
+
+def _sniff(file: InputFile) -> str:
+    head = file.read_at(0, min(8, file.size)) if file.size >= 8 else b""
+    if head.startswith(_ZIP_SIGNATURE):
+        return "zip"
+    # HDF5 looks for its signature at 0, 512, 1024, 2048, ... (after a user block).
+    offset = 0
+    while offset + 8 <= file.size:
+        if file.read_at(offset, 8) == _HDF5_SIGNATURE:
+            return "hdf5"
+        offset = 512 if offset == 0 else offset * 2
+    if file.size < 8:
+        raise CheckpointError(file.path, "too short to be a checkpoint (truncated?)")
+    raise CheckpointError(file.path, "not a Keras checkpoint (neither HDF5 nor a .keras archive)")

@@ -1,0 +1,136 @@
+"""The reader and writer interface every checkpoint format offers to the averaging core.
+
+A `Checkpoint` lists its tensors and reads one block of one tensor at a time; a `Writer`
+receives averaged blocks in file order. `combine.py` sees only these two, never a format.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+
+import h5py
+import numpy as np
+
+from wavg.checkpoint.hdf5 import Tensor, open_h5, read_hyperslab, read_raw, walk
+from wavg.checkpoint.inputfile import InputFile
+from wavg.checkpoint.layouts import Layout
+from wavg.errors import CheckpointError
+
+
+class Writer:
+    """Receives the averaged tensors of one output file.
+
+    `order` lists the averaged tensors in the order their bytes lie in the output; the core
+    writes them in that order, each block by block, so every format can stream.
+    """
+
+    order: list[str]
+
+    def write(self, tensor: Tensor, start: int, data: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> int:
+        """Flush everything to disk (fsync) and return the output's size in bytes."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release descriptors and scratch files; safe to call after an error."""
+
+
+class Checkpoint:
+    """An open input checkpoint: its layout, its tensors, and block reads."""
+
+    def __init__(self, file: InputFile, layout: Layout) -> None:
+        self.file = file
+        self.path = file.path
+        self.layout = layout
+        self.tensors: dict[str, Tensor] = {}
+        self._h5: h5py.File | None = None
+
+    # Subclasses say where the HDF5 data lives.
+    def _open_weights(self) -> h5py.File:
+        raise NotImplementedError
+
+    def make_writer(self, tmp_path: str, keep: Callable[[str], bool]) -> Writer:
+        raise NotImplementedError
+
+    def _load_tensors(self, base_offset: int, data_end: int) -> None:
+        with self.weights_h5() as h5:
+            self.tensors = walk(
+                h5, self.path, lambda n: not self.layout.is_optimizer(n), base_offset, data_end
+            )
+
+    @contextlib.contextmanager
+    def weights_h5(self) -> Iterator[h5py.File]:
+        """The weights file through h5py, reopened if it was released."""
+        if self._h5 is None:
+            self._h5 = self._open_weights()
+        try:
+            yield self._h5
+        finally:
+            if not self.file.keep_open:
+                self._close_h5()
+
+    @property
+    def raw_readable(self) -> bool:
+        return all(t.offset is not None for t in self.tensors.values() if t.averaged and t.size)
+
+    def read(
+        self, tensor: Tensor, start: int, count: int, slices: tuple[slice, ...], scratch: np.ndarray
+    ) -> np.ndarray:
+        """Items ``start … start+count`` of `tensor` (flat, C order) in its numeric dtype.
+
+        Raw tensors are read into `scratch` (a byte buffer reused between calls), so the
+        result is only valid until the next read.
+        """
+        if tensor.offset is not None:
+            out = scratch[: count * tensor.storage.itemsize].view(tensor.storage)
+            with self.file.fd() as fd:
+                try:
+                    read_raw(
+                        fd,
+                        tensor.offset + start * tensor.storage.itemsize,
+                        out,
+                        self.path,
+                        tensor.name,
+                    )
+                except OSError as exc:
+                    raise CheckpointError(
+                        self.path, f"read error in {tensor.name} ({exc.strerror})"
+                    ) from None
+        else:
+            with self.weights_h5() as h5:
+                out = read_hyperslab(h5[tensor.name], slices, self.path)
+        return out.view(tensor.dtype)
+
+    def release(self) -> None:
+        """Give back descriptors; the next read reopens (and re-identifies) the file."""
+        self._close_h5()
+        self.file.release()
+
+    def _close_h5(self) -> None:
+        if self._h5 is not None:
+            with contextlib.suppress(Exception):
+                self._h5.close()
+            self._h5 = None
+
+    def close(self) -> None:
+        self.file.keep_open = False
+        self.release()
+
+
+def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of `data` at `offset` (pwrite may write less than asked)."""
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
+
+
+def as_bytes(data: np.ndarray) -> memoryview:
+    return memoryview(np.ascontiguousarray(data)).cast("B")
+
+
+def open_hdf5_path(path: str) -> h5py.File:
+    return open_h5(path, path)

@@ -1,0 +1,70 @@
+"""Stand-alone HDF5 checkpoints: legacy ``.h5`` models and weights, Keras 3 ``.weights.h5``.
+
+The output is the newest input's HDF5 file rebuilt as a skeleton at the temporary path,
+whose averaged tensors are then filled in place with ``pwrite``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import h5py
+import numpy as np
+
+from wavg.checkpoint.base import Checkpoint, Writer, as_bytes, open_hdf5_path, pwrite_all
+from wavg.checkpoint.hdf5 import Tensor
+from wavg.checkpoint.inputfile import InputFile
+from wavg.checkpoint.layouts import hdf5_layout
+from wavg.checkpoint.skeleton import build_skeleton
+from wavg.errors import CheckpointError
+
+
+class H5Checkpoint(Checkpoint):
+    """A checkpoint that is itself an HDF5 file."""
+
+    def __init__(self, file: InputFile) -> None:
+        h5 = open_hdf5_path(file.path)
+        try:
+            layout = hdf5_layout(h5)
+        except (OSError, RuntimeError, ValueError) as exc:
+            h5.close()
+            raise CheckpointError(file.path, f"damaged HDF5 file ({exc})") from None
+        super().__init__(file, layout)
+        self._h5 = h5
+        # Offsets from h5py are absolute in the file, user block included.
+        self._load_tensors(base_offset=0, data_end=file.size)
+
+    def _open_weights(self) -> h5py.File:
+        h5 = open_hdf5_path(self.path)
+        self.file.check_unchanged()
+        return h5
+
+    def make_writer(self, tmp_path: str, keep: Callable[[str], bool]) -> Writer:
+        return H5Writer(self, tmp_path, keep)
+
+
+class H5Writer(Writer):
+    """Writes averaged blocks straight into the skeleton file with pwrite."""
+
+    def __init__(self, template: Checkpoint, tmp_path: str, keep: Callable[[str], bool]) -> None:
+        self.path = tmp_path
+        with template.weights_h5() as src:
+            self.offsets = build_skeleton(src, tmp_path, template.tensors, keep)
+        self.order = sorted(self.offsets, key=self.offsets.__getitem__)
+        self._fd: int | None = os.open(tmp_path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+
+    def write(self, tensor: Tensor, start: int, data: np.ndarray) -> None:
+        assert self._fd is not None
+        offset = self.offsets[tensor.name] + start * tensor.storage.itemsize
+        pwrite_all(self._fd, as_bytes(data), offset)
+
+    def finish(self) -> int:
+        assert self._fd is not None
+        os.fsync(self._fd)
+        return os.fstat(self._fd).st_size
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

@@ -1,0 +1,233 @@
+"""``.keras`` archives: a zip of config.json, metadata.json and model.weights.h5.
+
+Keras stores the weights member uncompressed, so it is read in place: h5py sees a window of
+the archive, and raw tensors are read at (member start + dataset offset) with no copy.
+The output archive copies every other member of the newest input verbatim and streams the
+averaged weights member in one sequential pass (the skeleton's bytes, with each averaged
+tensor's bytes in its place), so no unzipped copy is ever written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import struct
+import zipfile
+from collections.abc import Callable
+
+import h5py
+import numpy as np
+
+from wavg.checkpoint.base import Checkpoint, Writer, as_bytes
+from wavg.checkpoint.hdf5 import Tensor, open_h5
+from wavg.checkpoint.inputfile import InputFile
+from wavg.checkpoint.layouts import KERAS_ARCHIVE
+from wavg.checkpoint.skeleton import build_skeleton
+from wavg.errors import CheckpointError, UnsafeCheckpoint
+
+WEIGHTS = "model.weights.h5"
+# Members other than the weights are read whole; a zip bomb must not get that far.
+MAX_SMALL_MEMBER = 256 << 20
+MAX_RATIO = 200
+_LOCAL_HEADER = struct.Struct("<4s22xHH")
+COPY_BLOCK = 1 << 20
+
+
+class _Window(io.RawIOBase):
+    """A read-only, seekable view of bytes ``start … start+size`` of an input file."""
+
+    def __init__(self, file: InputFile, start: int, size: int) -> None:
+        self._file, self._start, self._size, self._pos = file, start, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        want = max(0, min(len(buffer), self._size - self._pos))
+        if want == 0:
+            return 0
+        with self._file.fd() as fd:
+            got = os.preadv(fd, [memoryview(buffer)[:want]], self._start + self._pos)
+        self._pos += got
+        return got
+
+
+class KerasCheckpoint(Checkpoint):
+    """A ``.keras`` archive whose model.weights.h5 is averaged."""
+
+    def __init__(self, file: InputFile) -> None:
+        super().__init__(file, KERAS_ARCHIVE)
+        self.members = _check_members(file)
+        info = self.members[WEIGHTS]
+        self._weights_info = info
+        if info.compress_type == zipfile.ZIP_STORED:
+            self._data_start = _data_start(file, info)
+            self._load_tensors(
+                base_offset=self._data_start, data_end=self._data_start + info.file_size
+            )
+        else:
+            # A re-zipped archive: readable, but only through the zip stream (no raw reads).
+            self._data_start = None
+            self._load_tensors(base_offset=0, data_end=0)
+            self.tensors = {n: _without_offset(t) for n, t in self.tensors.items()}
+
+    def _open_weights(self) -> h5py.File:
+        info = self._weights_info
+        if self._data_start is not None:
+            source = io.BufferedReader(
+                _Window(self.file, self._data_start, info.file_size), 1 << 16
+            )
+        else:
+            archive = zipfile.ZipFile(_Window(self.file, 0, self.file.size))
+            source = archive.open(WEIGHTS)
+        return open_h5(source, f"{self.path}:{WEIGHTS}")
+
+    def read_member(self, name: str) -> bytes:
+        with zipfile.ZipFile(_Window(self.file, 0, self.file.size)) as archive:
+            try:
+                return archive.read(name)
+            except (zipfile.BadZipFile, OSError, EOFError) as exc:
+                raise CheckpointError(self.path, f"damaged archive member {name} ({exc})") from None
+
+    def make_writer(self, tmp_path: str, keep: Callable[[str], bool]) -> Writer:
+        return KerasWriter(self, tmp_path, keep)
+
+
+def _without_offset(t: Tensor) -> Tensor:
+    return Tensor(t.name, t.shape, t.dtype, t.storage, t.averaged, None)
+
+
+def _check_members(file: InputFile) -> dict[str, zipfile.ZipInfo]:
+    """The archive's members by name, after refusing anything a safe reader must not touch."""
+    try:
+        with zipfile.ZipFile(_Window(file, 0, file.size)) as archive:
+            infos = archive.infolist()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        raise CheckpointError(file.path, f"not a valid .keras archive ({exc})") from None
+    members: dict[str, zipfile.ZipInfo] = {}
+    for info in infos:
+        name = info.filename
+        parts = name.replace("\\", "/").split("/")
+        if name.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
+            raise UnsafeCheckpoint(file.path, f"archive entry {name!r} points outside the archive")
+        if name in members:
+            raise UnsafeCheckpoint(file.path, f"archive entry {name!r} appears twice")
+        if info.flag_bits & 0x1:
+            raise CheckpointError(file.path, f"archive entry {name!r} is encrypted")
+        if info.header_offset + info.compress_size > file.size:
+            raise CheckpointError(file.path, f"truncated: archive entry {name!r} runs past the end")
+        stored = info.compress_type == zipfile.ZIP_STORED
+        if (stored and info.file_size != info.compress_size) or (
+            not stored and info.file_size > MAX_RATIO * max(info.compress_size, 1 << 10)
+        ):
+            raise UnsafeCheckpoint(
+                file.path,
+                f"archive entry {name!r} declares {info.file_size} bytes from "
+                f"{info.compress_size} stored; refusing a zip bomb",
+            )
+        if name != WEIGHTS and info.file_size > MAX_SMALL_MEMBER:
+            raise UnsafeCheckpoint(file.path, f"archive entry {name!r} is implausibly large")
+        members[name] = info
+    if WEIGHTS not in members:
+        other = [n for n in members if n.startswith("model.weights")]
+        detail = f" (found {other[0]}, which wavg does not average)" if other else ""
+        raise CheckpointError(file.path, f"not a Keras model archive: no {WEIGHTS}{detail}")
+    return members
+
+
+def _data_start(file: InputFile, info: zipfile.ZipInfo) -> int:
+    header = file.read_at(info.header_offset, _LOCAL_HEADER.size)
+    signature, name_len, extra_len = _LOCAL_HEADER.unpack(header)
+    if signature != b"PK\x03\x04":
+        raise CheckpointError(file.path, f"damaged archive: bad header for {info.filename}")
+    name = file.read_at(info.header_offset + _LOCAL_HEADER.size, name_len)
+    if name.decode("utf-8", "replace") != info.filename:
+        raise UnsafeCheckpoint(file.path, f"archive headers disagree about {info.filename}")
+    start = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+    if start + info.file_size > file.size:
+        raise CheckpointError(file.path, f"truncated: {info.filename} runs past the end")
+    return start
+
+
+class KerasWriter(Writer):
+    """Streams a new archive: the newest input's other members, then the averaged weights."""
+
+    def __init__(
+        self, template: KerasCheckpoint, tmp_path: str, keep: Callable[[str], bool]
+    ) -> None:
+        self._skeleton_path = f"{tmp_path}-weights.h5"
+        self._skeleton_fd: int | None = None
+        self._archive: zipfile.ZipFile | None = None
+        with template.weights_h5() as src:
+            self.offsets = build_skeleton(src, self._skeleton_path, template.tensors, keep)
+        self.order = sorted(self.offsets, key=self.offsets.__getitem__)
+        self._skeleton_fd = os.open(self._skeleton_path, os.O_RDONLY)
+        self._skeleton_size = os.fstat(self._skeleton_fd).st_size
+        self._out = open(tmp_path, "wb")  # noqa: SIM115 - closed in finish()/close()
+        self._archive = zipfile.ZipFile(self._out, "w", allowZip64=True)
+        for name, info in template.members.items():
+            if name != WEIGHTS:
+                self._archive.writestr(_copy_info(info), template.read_member(name))
+        weights_info = _copy_info(template.members[WEIGHTS])
+        weights_info.compress_type = zipfile.ZIP_STORED
+        self._stream = self._archive.open(weights_info, "w", force_zip64=True)
+        self._pos = 0
+
+    def write(self, tensor: Tensor, start: int, data: np.ndarray) -> None:
+        offset = self.offsets[tensor.name] + start * tensor.storage.itemsize
+        self._copy_skeleton(offset)
+        payload = as_bytes(data)
+        self._stream.write(payload)
+        self._pos = offset + len(payload)
+
+    def _copy_skeleton(self, until: int) -> None:
+        assert self._skeleton_fd is not None and until >= self._pos
+        while self._pos < until:
+            chunk = os.pread(self._skeleton_fd, min(COPY_BLOCK, until - self._pos), self._pos)
+            if not chunk:  # past the skeleton's end: unwritten space reads as zeros
+                chunk = bytes(min(COPY_BLOCK, until - self._pos))
+            self._stream.write(chunk)
+            self._pos += len(chunk)
+
+    def finish(self) -> int:
+        self._copy_skeleton(self._skeleton_size)
+        self._stream.close()
+        assert self._archive is not None
+        self._archive.close()
+        self._archive = None
+        self._out.flush()
+        os.fsync(self._out.fileno())
+        size = os.fstat(self._out.fileno()).st_size
+        self._out.close()
+        return size
+
+    def close(self) -> None:
+        if self._archive is not None:
+            with contextlib.suppress(Exception):
+                self._archive.close()
+            self._archive = None
+        self._out.close()
+        if self._skeleton_fd is not None:
+            os.close(self._skeleton_fd)
+            self._skeleton_fd = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._skeleton_path)
+
+
+def _copy_info(info: zipfile.ZipInfo) -> zipfile.ZipInfo:
+    new = zipfile.ZipInfo(info.filename, date_time=info.date_time)
+    new.compress_type = info.compress_type
+    new.external_attr = info.external_attr
+    return new

@@ -1,0 +1,358 @@
+"""The streaming weighted average: the public API behind ``wavg combine``.
+
+For every averaged tensor of the newest checkpoint, block by block, each input's block is
+multiplied by its weight and added into a float64 running sum (extended precision for
+float64 tensors), divided by the sum of the weights and written in the tensor's own dtype.
+Memory is a few blocks, whatever the model size or the number of inputs; each input byte is
+read once and each output byte written once. This module knows no file format: it sees
+`Checkpoint` readers and a `Writer` (see wavg.checkpoint).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from wavg.atomic import atomic_output, check_output_dir
+from wavg.checkpoint import Checkpoint, Tensor, iter_blocks, open_checkpoint
+from wavg.errors import (
+    CheckpointError,
+    CheckpointMismatch,
+    NonFiniteValues,
+    OutputError,
+    UsageError,
+)
+from wavg.ordering import epoch_numbers, order_checkpoints
+from wavg.schemes import DEFAULT_ALPHA, scheme_weights
+
+# Items per block: 1 Mi items keeps the float64 sum and its scratch at 16 MiB.
+BLOCK_ITEMS = 1 << 20
+# Keep every input's descriptor open up to this many inputs; beyond it, reopen per read.
+MAX_OPEN_INPUTS = 256
+_EXTENDED = np.longdouble if np.finfo(np.longdouble).nmant > 52 else np.float64
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class CombinePlan:
+    """What will be averaged: files oldest first, their epochs and normalised weights."""
+
+    inputs: list[Path]
+    epochs: list[int | None]
+    weights: list[float]
+    scheme: str
+    alpha: float | None
+
+
+@dataclass
+class CombineSummary:
+    """What a combine did (or, with dry_run, would do)."""
+
+    inputs: list[Path]
+    epochs: list[int | None]
+    weights: list[float]
+    scheme: str
+    alpha: float | None
+    output: Path
+    format: str
+    tensors: int  # averaged tensors
+    copied_tensors: int  # tensors copied from the newest checkpoint
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    dry_run: bool
+    dropped_optimizer: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        """A JSON-ready dict; the schema is documented in the README and kept stable."""
+        data = asdict(self)
+        data["inputs"] = [
+            {"path": str(p), "epoch": e, "weight": w}
+            for p, e, w in zip(self.inputs, self.epochs, self.weights, strict=True)
+        ]
+        del data["epochs"], data["weights"]
+        data["output"] = str(self.output)
+        data["seconds"] = round(self.seconds, 6)
+        return data
+
+
+def plan_combine(
+    paths: Sequence[str | os.PathLike[str]],
+    *,
+    scheme: str = "equal",
+    alpha: float = DEFAULT_ALPHA,
+    weights: Sequence[float] | None = None,
+    order: str = "natural",
+    last: int | None = None,
+) -> CombinePlan:
+    """Order the files (oldest first) and weight them; reads no file contents.
+
+    Custom `weights` are in the final order, oldest first, after `last` is applied.
+    """
+    ordered = order_checkpoints(paths, order, last)
+    if weights is not None:
+        scheme = "custom"
+    normalised = scheme_weights(
+        len(ordered), "equal" if weights is not None else scheme, alpha, weights
+    )
+    return CombinePlan(
+        inputs=ordered,
+        epochs=epoch_numbers(ordered),
+        weights=[float(w) for w in normalised],
+        scheme=scheme,
+        alpha=float(alpha) if scheme == "exp" else None,
+    )
+
+
+def combine(
+    paths: Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    *,
+    scheme: str = "equal",
+    alpha: float = DEFAULT_ALPHA,
+    weights: Sequence[float] | None = None,
+    order: str = "natural",
+    last: int | None = None,
+    allow_nonfinite: bool = False,
+    drop_optimizer: bool = False,
+    dry_run: bool = False,
+    progress: Progress | None = None,
+) -> CombineSummary:
+    """Average checkpoint files into `out` and return a summary.
+
+    The newest file (last in epoch order) provides the architecture, config, metadata,
+    non-float tensors and optimizer state; every float model weight is the weighted mean of
+    all files. `out` is replaced atomically and never left partial. Raises a `WavgError`
+    subclass for every problem with the request, the inputs or the output.
+
+    >>> combine(["model_498.h5", "model_499.h5"], "avg.h5", scheme="exp", alpha=2)  # doctest: +SKIP
+    """
+    plan = plan_combine(paths, scheme=scheme, alpha=alpha, weights=weights, order=order, last=last)
+    return run_plan(
+        plan,
+        out,
+        allow_nonfinite=allow_nonfinite,
+        drop_optimizer=drop_optimizer,
+        dry_run=dry_run,
+        progress=progress,
+    )
+
+
+def run_plan(
+    plan: CombinePlan,
+    out: str | os.PathLike[str],
+    *,
+    allow_nonfinite: bool = False,
+    drop_optimizer: bool = False,
+    dry_run: bool = False,
+    progress: Progress | None = None,
+    block_items: int = BLOCK_ITEMS,
+) -> CombineSummary:
+    """Carry out a `CombinePlan` (see `combine`)."""
+    started = time.perf_counter()
+    out_path = Path(out)
+    _refuse_output_among_inputs(out_path, plan.inputs)
+    check_output_dir(out_path)
+    inputs: list[Checkpoint] = []
+    try:
+        for path in plan.inputs:
+            inputs.append(open_checkpoint(os.fspath(path)))
+        newest = inputs[-1]
+        _check_compatible(inputs, out_path)
+        averaged = [t for t in newest.tensors.values() if t.averaged]
+        summary = CombineSummary(
+            inputs=list(plan.inputs),
+            epochs=list(plan.epochs),
+            weights=list(plan.weights),
+            scheme=plan.scheme,
+            alpha=plan.alpha,
+            output=out_path,
+            format=newest.layout.name,
+            tensors=len(averaged),
+            copied_tensors=len(newest.tensors) - len(averaged),
+            bytes_read=0,
+            bytes_written=0,
+            seconds=0.0,
+            dry_run=dry_run,
+            dropped_optimizer=drop_optimizer,
+        )
+        if not dry_run:
+            if len(inputs) > MAX_OPEN_INPUTS:
+                for ckpt in inputs:
+                    ckpt.file.keep_open = False
+                    ckpt.release()
+            _write_average(
+                inputs,
+                plan.weights,
+                out_path,
+                summary,
+                allow_nonfinite,
+                drop_optimizer,
+                progress,
+                block_items,
+            )
+    finally:
+        for ckpt in inputs:
+            ckpt.close()
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _refuse_output_among_inputs(out: Path, inputs: list[Path]) -> None:
+    """Refuse an output that is one of the inputs, also through a symlink or a hard link."""
+    try:
+        out_stat = out.stat()
+    except OSError:
+        out_stat = None
+    seen: dict[tuple[int, int], Path] = {}
+    for path in inputs:
+        try:
+            st = path.stat()
+        except OSError:
+            continue  # opening it reports the problem, naming the file
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            raise UsageError(f"{seen[key]} and {path} are the same file; give each checkpoint once")
+        seen[key] = path
+        if out_stat is not None and key == (out_stat.st_dev, out_stat.st_ino):
+            raise UsageError(f"output {out} is the input {path}; inputs are never overwritten")
+
+
+def _check_compatible(inputs: list[Checkpoint], out: Path) -> None:
+    """All inputs share the newest's format and averaged tensors (names, shapes, dtypes)."""
+    newest = inputs[-1]
+    for ckpt in inputs[:-1]:
+        if ckpt.layout != newest.layout:
+            raise CheckpointMismatch(
+                ckpt.path,
+                f"is a {ckpt.layout.name} checkpoint but {newest.path} is {newest.layout.name}; "
+                "all inputs must share one format",
+            )
+    if not newest.layout.accepts_output(out.name):
+        wanted = " or ".join(newest.layout.suffixes)
+        raise UsageError(
+            f"output {out} must end in {wanted} for {newest.layout.name} inputs (Keras picks "
+            "the format from the name)"
+        )
+    expected = {n: t for n, t in newest.tensors.items() if t.averaged}
+    for ckpt in inputs[:-1]:
+        mine = {n: t for n, t in ckpt.tensors.items() if t.averaged}
+        for name, ref in expected.items():
+            other = mine.get(name)
+            if other is None:
+                raise CheckpointMismatch(
+                    ckpt.path, f"has no tensor {name}, which {newest.path} has"
+                )
+            if other.shape != ref.shape:
+                raise CheckpointMismatch(
+                    ckpt.path,
+                    f"tensor {name} has shape {other.shape} but {ref.shape} in {newest.path}",
+                )
+            if other.dtype != ref.dtype or other.storage != ref.storage:
+                raise CheckpointMismatch(
+                    ckpt.path,
+                    f"tensor {name} is {_dtype_name(other)} but {_dtype_name(ref)} in {newest.path}",
+                )
+        extra = next((n for n in mine if n not in expected), None)
+        if extra is not None:
+            raise CheckpointMismatch(ckpt.path, f"has tensor {extra}, which {newest.path} lacks")
+
+
+def _dtype_name(t: Tensor) -> str:
+    return str(t.dtype) if t.dtype == t.storage else f"{t.dtype} (stored as {t.storage})"
+
+
+def _write_average(
+    inputs: list[Checkpoint],
+    weights: list[float],
+    out: Path,
+    summary: CombineSummary,
+    allow_nonfinite: bool,
+    drop_optimizer: bool,
+    progress: Progress | None,
+    block_items: int,
+) -> None:
+    newest = inputs[-1]
+    layout = newest.layout
+    members = [(ckpt, w) for ckpt, w in zip(inputs, weights, strict=True) if w > 0]
+
+    def keep(name: str) -> bool:
+        return not (drop_optimizer and layout.is_optimizer(name))
+
+    with atomic_output(out) as tmp:
+        try:
+            writer = newest.make_writer(tmp, keep)
+        except OSError as exc:
+            raise OutputError(out, f"cannot write ({_reason(exc)})") from None
+        try:
+            tensors = [newest.tensors[name] for name in writer.order]
+            total = sum(t.nbytes for t in tensors) * len(members)
+            scratch = np.empty(block_items * 8, dtype=np.uint8)
+            done = 0
+            for tensor in tensors:
+                acc_dtype = _EXTENDED if tensor.dtype == np.float64 else np.float64
+                acc_buf = np.empty(min(block_items, tensor.size), dtype=acc_dtype)
+                tmp_buf = np.empty_like(acc_buf)
+                weight_sum = acc_dtype(sum(acc_dtype(w) for _, w in members))
+                for start, count, slices in iter_blocks(tensor.shape, 1, block_items):
+                    if count > acc_buf.size:  # a single row larger than a block
+                        acc_buf = np.empty(count, dtype=acc_dtype)
+                        tmp_buf = np.empty_like(acc_buf)
+                        scratch = np.empty(count * 8, dtype=np.uint8)
+                    acc, term = acc_buf[:count], tmp_buf[:count]
+                    for i, (ckpt, w) in enumerate(members):
+                        block = ckpt.read(ckpt.tensors[tensor.name], start, count, slices, scratch)
+                        if i == 0:
+                            np.multiply(block, acc_dtype(w), out=acc)
+                        else:
+                            np.multiply(block, acc_dtype(w), out=term)
+                            np.add(acc, term, out=acc)
+                    acc /= weight_sum
+                    if not allow_nonfinite and not np.isfinite(acc).all():
+                        _raise_nonfinite(members, tensor, start, count, slices, scratch)
+                    writer.write(tensor, start, acc.astype(tensor.dtype).view(tensor.storage))
+                    done += count * tensor.storage.itemsize * len(members)
+                    if progress is not None:
+                        progress(done, total)
+            summary.bytes_read = done
+            for ckpt in inputs:
+                ckpt.file.check_unchanged()
+            try:
+                summary.bytes_written = writer.finish()
+            except OSError as exc:
+                raise OutputError(out, f"cannot write ({_reason(exc)})") from None
+        except OSError as exc:
+            raise OutputError(out, f"cannot write ({_reason(exc)})") from None
+        finally:
+            writer.close()
+
+
+def _raise_nonfinite(
+    members: list[tuple[Checkpoint, float]],
+    tensor: Tensor,
+    start: int,
+    count: int,
+    slices: tuple[slice, ...],
+    scratch: np.ndarray,
+) -> None:
+    """Name the first input whose block of `tensor` holds NaN or Inf."""
+    for ckpt, _ in members:
+        block = ckpt.read(ckpt.tensors[tensor.name], start, count, slices, scratch)
+        if not np.isfinite(block.astype(np.float64)).all():
+            raise NonFiniteValues(
+                ckpt.path,
+                f"tensor {tensor.name} holds NaN or Inf values "
+                "(pass --allow-nonfinite to average it anyway)",
+            )
+    raise CheckpointError(members[-1][0].path, f"the average of tensor {tensor.name} is not finite")
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or " ".join(str(exc).split())[:200] or type(exc).__name__

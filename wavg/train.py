@@ -1,0 +1,177 @@
+"""`wavg train-save`: train one run and keep the models of its last K epochs.
+
+The default run is the case study: an MLP (Dense 25 relu -> Dense 3 softmax) on the blobs
+data, Adam, 500 epochs, batch size 32 as in the tutorial, keeping ``model_490.h5`` ...
+``model_499.h5``. Training is a single ``fit`` call with `wavg.keras.KeepLastEpochs`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wavg.data import Dataset, check_fits_model, load_data
+from wavg.errors import OutputError, UsageError
+from wavg.model_loading import import_keras, load_model
+
+OPTIMIZERS = ("adam", "sgd")
+FORMATS = ("h5", "keras", "weights.h5")
+BATCH_SIZE = 32  # Keras' default, which the tutorial used
+
+EpochCallback = Callable[[int, int, dict[str, float]], None]
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: the kept files (oldest first) and the final epoch's metrics."""
+
+    files: list[Path]
+    epochs: int
+    seed: int | None
+    data: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def train_save(
+    out_dir: str | os.PathLike[str] = "checkpoints",
+    *,
+    epochs: int = 500,
+    keep: int = 10,
+    optimizer: str | None = None,
+    seed: int | None = None,
+    fmt: str = "h5",
+    data: str | os.PathLike[str] | None = None,
+    model: str | os.PathLike[str] | None = None,
+    custom_objects: str | None = None,
+    trust: bool = False,
+    batch_size: int = BATCH_SIZE,
+    on_epoch: EpochCallback | None = None,
+) -> TrainResult:
+    """Train for `epochs` and save the model after each of the last `keep` into `out_dir`.
+
+    `optimizer` is ``adam`` (default) or ``sgd`` (lr 0.01, momentum 0.9) for the built-in MLP;
+    a `model` file (a compiled ``.keras``/``.h5``, loaded with the safety checks of
+    `wavg.model_loading`) trains with the optimizer it was compiled with. The same `seed` gives
+    bit-identical checkpoints (it also turns on TensorFlow's op determinism for the process).
+    `on_epoch(done, total, logs)` is called after every epoch, for progress display.
+    """
+    _check_options(epochs, keep, optimizer, fmt, model, batch_size)
+    out = _prepare_out_dir(out_dir)
+    dataset = load_data(data)
+    keras = import_keras()
+    from wavg.keras import KeepLastEpochs, ReportEpochs
+
+    if seed is not None:
+        keras.utils.set_random_seed(seed)
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+    net = _model(keras, dataset, optimizer, model, custom_objects, trust)
+    check_fits_model(dataset, net.input_shape, net.output_shape)
+    keeper = KeepLastEpochs(out, keep=keep, total_epochs=epochs, fmt=fmt)
+    callbacks: list[Any] = [keeper]
+    if on_epoch is not None:
+        callbacks.append(ReportEpochs(on_epoch, epochs))
+    start = time.perf_counter()
+    history = net.fit(
+        dataset.x_train,
+        dataset.y_train,
+        epochs=epochs,
+        batch_size=batch_size,
+        verbose=0,
+        callbacks=callbacks,
+    )
+    metrics = {name: float(values[-1]) for name, values in history.history.items()}
+    return TrainResult(
+        files=list(keeper.written),
+        epochs=epochs,
+        seed=seed,
+        data=dataset.name,
+        metrics=metrics,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def case_study_model(keras: Any, optimizer: str = "adam") -> Any:
+    """The tutorial's MLP, compiled with categorical cross-entropy and accuracy."""
+    net = keras.Sequential(
+        [
+            keras.Input(shape=(2,)),
+            keras.layers.Dense(25, activation="relu"),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
+    opt = (
+        keras.optimizers.SGD(learning_rate=0.01, momentum=0.9)
+        if optimizer == "sgd"
+        else keras.optimizers.Adam()
+    )
+    net.compile(loss="categorical_crossentropy", optimizer=opt, metrics=["accuracy"])
+    return net
+
+
+def _model(
+    keras: Any,
+    dataset: Dataset,
+    optimizer: str | None,
+    model: str | os.PathLike[str] | None,
+    custom_objects: str | None,
+    trust: bool,
+) -> Any:
+    if model is None:
+        if dataset.x_train.shape[1:] != (2,) or dataset.y_train.shape[1:] != (3,):
+            raise UsageError(
+                f"the built-in model takes 2 features and 3 one-hot classes; {dataset.name} "
+                f"has x {dataset.x_train.shape[1:]} and y {dataset.y_train.shape[1:]}, so "
+                "pass --model FILE.keras with a compiled model that fits it"
+            )
+        return case_study_model(keras, optimizer or "adam")
+    net = load_model(model, trust=trust, custom_objects=custom_objects, compile=True)
+    if getattr(net, "optimizer", None) is None or not getattr(net, "compiled", True):
+        raise UsageError(f"{model}: the model is not compiled; compile it before saving it")
+    return net
+
+
+def _check_options(
+    epochs: int,
+    keep: int,
+    optimizer: str | None,
+    fmt: str,
+    model: str | os.PathLike[str] | None,
+    batch_size: int,
+) -> None:
+    if epochs < 1:
+        raise UsageError(f"--epochs must be at least 1, got {epochs}")
+    if not 1 <= keep <= epochs:
+        raise UsageError(f"--keep must be between 1 and --epochs ({epochs}), got {keep}")
+    if batch_size < 1:
+        raise UsageError(f"batch size must be at least 1, got {batch_size}")
+    if optimizer is not None and optimizer not in OPTIMIZERS:
+        raise UsageError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if optimizer is not None and model is not None:
+        raise UsageError(
+            "--optimizer applies to the built-in model; a --model file trains with the "
+            "optimizer it was compiled with"
+        )
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
+def _prepare_out_dir(out_dir: str | os.PathLike[str]) -> Path:
+    """Create the output directory and prove a file can be written there, before training."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputError(out, "exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".wavg-write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(out, f"cannot write checkpoints there ({exc.strerror or exc})") from None
+    return out
