@@ -7,12 +7,24 @@ progress and errors go to stderr. Every failure wavg can explain ends as one lin
 
 from __future__ import annotations
 
+import contextlib
+import json
 import signal
 import sys
+from collections.abc import Callable, Iterator
 
 import click
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
 
-from wavg.errors import EXIT_USAGE, WavgError
+from wavg.combine import CombinePlan, plan_combine, run_plan
+from wavg.errors import EXIT_USAGE, UsageError, WavgError
+from wavg.ordering import ORDERS
+from wavg.schemes import DEFAULT_ALPHA, SCHEMES, parse_weight_list
+
+_stderr = Console(stderr=True)
+PROGRESS_MIN_BYTES = 64 << 20
 
 # ---------------------------------------------------------------------------------------------
 # group and entry point
@@ -22,6 +34,166 @@ from wavg.errors import EXIT_USAGE, WavgError
 @click.version_option(package_name="wavg")
 def cli() -> None:
     """Average the weights of Keras checkpoints (Polyak-Ruppert averaging)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# combine
+
+
+@cli.command(no_args_is_help=True)
+@click.argument("checkpoints", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(path_type=str),
+    help="Averaged checkpoint to write (same format as the inputs).",
+)
+@click.option(
+    "--scheme",
+    type=click.Choice(SCHEMES),
+    default=None,
+    help="Weighting, newest weighted most: equal (default), linear or exp.",
+)
+@click.option(
+    "--alpha",
+    type=float,
+    default=None,
+    help=f"Decay of --scheme exp: weight exp(-i/alpha), i=1 newest. Default {DEFAULT_ALPHA}.",
+)
+@click.option(
+    "--weights",
+    "weight_list",
+    metavar="W1,W2,...",
+    default=None,
+    help="Custom weights, one per checkpoint, oldest first (normalised to sum 1).",
+)
+@click.option(
+    "--last",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Average only the N newest checkpoints.",
+)
+@click.option(
+    "--order",
+    type=click.Choice(ORDERS),
+    default="natural",
+    show_default=True,
+    help="natural: by the epoch number in the names; given: as listed. Last = newest.",
+)
+@click.option("--dry-run", is_flag=True, help="Check the inputs and print the plan; write nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
+@click.option("--allow-nonfinite", is_flag=True, help="Average tensors that hold NaN or Inf.")
+@click.option("--drop-optimizer", is_flag=True, help="Leave the optimizer state out of the output.")
+def combine(
+    checkpoints: tuple[str, ...],
+    output: str,
+    scheme: str | None,
+    alpha: float | None,
+    weight_list: str | None,
+    last: int | None,
+    order: str,
+    dry_run: bool,
+    as_json: bool,
+    allow_nonfinite: bool,
+    drop_optimizer: bool,
+) -> None:
+    """Average CHECKPOINTS (one training run's last epochs) into one checkpoint.
+
+    \b
+    Example:
+      wavg combine --scheme exp --alpha 2 model_49*.h5 -o avg.h5
+    """
+    if weight_list is not None and scheme is not None:
+        raise UsageError("give either --scheme or --weights, not both")
+    if alpha is not None and scheme != "exp":
+        raise UsageError("--alpha applies only to --scheme exp")
+    weights = parse_weight_list(weight_list) if weight_list is not None else None
+    plan = plan_combine(
+        checkpoints,
+        scheme=scheme or "equal",
+        alpha=DEFAULT_ALPHA if alpha is None else alpha,
+        weights=weights,
+        order=order,
+        last=last,
+    )
+    with _progress_bar() as progress:
+        summary = run_plan(
+            plan,
+            output,
+            allow_nonfinite=allow_nonfinite,
+            drop_optimizer=drop_optimizer,
+            dry_run=dry_run,
+            progress=progress,
+            on_ready=lambda _: _render_plan(plan),
+        )
+    if as_json:
+        click.echo(json.dumps(summary.to_json(), indent=2))
+    elif dry_run:
+        click.echo(
+            f"dry run: would write {output} ({summary.format}, {summary.tensors} tensors "
+            f"averaged, {summary.copied_tensors} copied); nothing written"
+        )
+    else:
+        click.echo(
+            f"wrote {output} ({summary.format}, {summary.tensors} tensors averaged, "
+            f"{summary.copied_tensors} copied, {_size(summary.bytes_written)}) "
+            f"in {summary.seconds:.2f} s"
+        )
+
+
+def _render_plan(plan: CombinePlan) -> None:
+    table = Table(
+        title=f"wavg combine: {plan.scheme}"
+        + (f" (alpha {plan.alpha:g})" if plan.alpha is not None else ""),
+        title_justify="left",
+    )
+    table.add_column("#", justify="right")
+    table.add_column("checkpoint")
+    table.add_column("epoch", justify="right")
+    table.add_column("weight", justify="right")
+    newest = len(plan.inputs) - 1
+    for i, (path, epoch, weight) in enumerate(
+        zip(plan.inputs, plan.epochs, plan.weights, strict=True)
+    ):
+        label = f"{path} (newest)" if i == newest else str(path)
+        table.add_row(str(i + 1), label, "" if epoch is None else str(epoch), f"{weight:.4f}")
+    _stderr.print(table)
+
+
+@contextlib.contextmanager
+def _progress_bar() -> Iterator[Callable[[int, int], None] | None]:
+    """A progress bar on stderr, only on a terminal and only for work worth watching."""
+    if not _stderr.is_terminal:
+        yield None
+        return
+    with Progress(
+        TextColumn("averaging"),
+        BarColumn(),
+        DownloadColumn(),
+        TimeRemainingColumn(),
+        console=_stderr,
+        transient=True,
+    ) as bar:
+        task = None
+
+        def update(done: int, total: int) -> None:
+            nonlocal task
+            if total < PROGRESS_MIN_BYTES:
+                return
+            if task is None:
+                task = bar.add_task("averaging", total=total)
+            bar.update(task, completed=done)
+
+        yield update
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
 
 
 def main(argv: list[str] | None = None) -> int:

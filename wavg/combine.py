@@ -96,6 +96,9 @@ def plan_combine(
 
     Custom `weights` are in the final order, oldest first, after `last` is applied.
     """
+    for path in paths:
+        if not os.path.lexists(path):
+            raise CheckpointError(path, "no such file")
     ordered = order_checkpoints(paths, order, last)
     if weights is not None:
         scheme = "custom"
@@ -153,9 +156,14 @@ def run_plan(
     drop_optimizer: bool = False,
     dry_run: bool = False,
     progress: Progress | None = None,
+    on_ready: Callable[[CombineSummary], None] | None = None,
     block_items: int = BLOCK_ITEMS,
 ) -> CombineSummary:
-    """Carry out a `CombinePlan` (see `combine`)."""
+    """Carry out a `CombinePlan` (see `combine`).
+
+    `on_ready` is called once every input has been opened and checked, before anything is
+    written (the CLI prints its plan table there, so a bad input prints only its error).
+    """
     started = time.perf_counter()
     out_path = Path(out)
     _refuse_output_among_inputs(out_path, plan.inputs)
@@ -183,6 +191,8 @@ def run_plan(
             dry_run=dry_run,
             dropped_optimizer=drop_optimizer,
         )
+        if on_ready is not None:
+            on_ready(summary)
         if not dry_run:
             if len(inputs) > MAX_OPEN_INPUTS:
                 for ckpt in inputs:
@@ -232,8 +242,8 @@ def _check_compatible(inputs: list[Checkpoint], out: Path) -> None:
         if ckpt.layout != newest.layout:
             raise CheckpointMismatch(
                 ckpt.path,
-                f"is a {ckpt.layout.name} checkpoint but {newest.path} is {newest.layout.name}; "
-                "all inputs must share one format",
+                f"is in {ckpt.layout.name} format but {newest.path} is in {newest.layout.name} "
+                "format; all inputs must share one format",
             )
     if not newest.layout.accepts_output(out.name):
         wanted = " or ".join(newest.layout.suffixes)

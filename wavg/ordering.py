@@ -34,13 +34,18 @@ def stem(path: str | os.PathLike[str]) -> str:
     return name
 
 
+def _bare(path: str | os.PathLike[str]) -> str:
+    """The path without its checkpoint suffix, so the 5 of ``.h5`` is never an epoch."""
+    return os.path.join(os.path.dirname(os.fspath(path)), stem(path))
+
+
 def epoch_numbers(paths: Sequence[str | os.PathLike[str]]) -> list[int | None]:
     """The epoch of each file as read from its name, or None where the name has no number.
 
     The epoch is the first number whose value differs between the names; for a single file
     (or names that do not share one pattern) it is the last number in the name.
     """
-    names = [stem(p) if _NUMBER.search(stem(p)) else os.fspath(p) for p in paths]
+    names = [stem(p) if _NUMBER.search(stem(p)) else _bare(p) for p in paths]
     keys = [natural_key(name) for name in names]
     same_pattern = len({len(k) for k in keys}) == 1 and all(
         k[i] == keys[0][i] for k in keys for i in range(0, len(k), 2)
@@ -83,11 +88,11 @@ def order_checkpoints(
 
 def _natural_order(paths: list[Path]) -> list[Path]:
     for path in paths:
-        if not _NUMBER.search(os.fspath(path)):
+        if not _NUMBER.search(_bare(path)):
             raise UsageError(
                 f"{path}: no epoch number in the name; name files by epoch or pass --order given"
             )
-    ordered = sorted(paths, key=lambda p: (natural_key(stem(p)), natural_key(os.fspath(p))))
+    ordered = sorted(paths, key=lambda p: (natural_key(stem(p)), natural_key(_bare(p))))
     epochs = epoch_numbers(ordered)
     for older, newer, e_old, e_new in zip(ordered, ordered[1:], epochs, epochs[1:], strict=False):
         if e_old == e_new:
