@@ -170,8 +170,13 @@ def run_plan(
     check_output_dir(out_path)
     inputs: list[Checkpoint] = []
     try:
+        keep_open = len(plan.inputs) <= _descriptor_budget()
         for path in plan.inputs:
-            inputs.append(open_checkpoint(os.fspath(path)))
+            ckpt = open_checkpoint(os.fspath(path))
+            inputs.append(ckpt)
+            if not keep_open:
+                ckpt.file.keep_open = False
+                ckpt.release()
         newest = inputs[-1]
         _check_compatible(inputs, out_path)
         averaged = [t for t in newest.tensors.values() if t.averaged]
@@ -194,10 +199,6 @@ def run_plan(
         if on_ready is not None:
             on_ready(summary)
         if not dry_run:
-            if len(inputs) > MAX_OPEN_INPUTS:
-                for ckpt in inputs:
-                    ckpt.file.keep_open = False
-                    ckpt.release()
             _write_average(
                 inputs,
                 plan.weights,
@@ -213,6 +214,19 @@ def run_plan(
             ckpt.close()
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _descriptor_budget() -> int:
+    """How many inputs may keep their descriptors (two each: raw and HDF5) open at once."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):
+        return 64
+    if soft == resource.RLIM_INFINITY:
+        return MAX_OPEN_INPUTS
+    return max(1, min(MAX_OPEN_INPUTS, (soft - 64) // 2))
 
 
 def _refuse_output_among_inputs(out: Path, inputs: list[Path]) -> None:

@@ -1,0 +1,173 @@
+"""Shared fixtures: real checkpoints written by Keras, made once per test session.
+
+Each model family is trained for a few steps between saves, so its checkpoints differ the
+way one run's last epochs do, and is saved in every format wavg supports. The weights Keras
+reports after each save are kept as the reference for the averages.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_checkpoints"
+FORMATS = ("h5", "keras", "weights.h5")
+
+
+@dataclass
+class Run:
+    """Checkpoints of one short training run: files per format, oldest first."""
+
+    name: str
+    model: object  # the live keras model (architecture for load_weights)
+    files: dict[str, list[Path]] = field(default_factory=dict)
+    weights: list[list[np.ndarray]] = field(default_factory=list)  # per checkpoint
+    x: np.ndarray | None = None
+
+
+def _mlp(keras):
+    return keras.Sequential(
+        [keras.Input((2,)), keras.layers.Dense(25, activation="relu"), keras.layers.Dense(3, activation="softmax")]
+    )
+
+
+def _conv_bn(keras):
+    return keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Conv2D(4, 3, activation="relu"),
+            keras.layers.BatchNormalization(),
+            keras.layers.Dropout(0.2),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
+
+
+def _lstm(keras):
+    return keras.Sequential(
+        [
+            keras.Input((5,), dtype="int32"),
+            keras.layers.Embedding(20, 4),
+            keras.layers.LSTM(6),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
+
+
+def _subclassed(keras):
+    @keras.saving.register_keras_serializable(package="wavg_tests")
+    class TwoTower(keras.Model):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.left = keras.layers.Dense(6, activation="tanh")
+            self.right = keras.layers.Dense(6, activation="relu")
+            self.head = keras.layers.Dense(3, activation="softmax")
+
+        def call(self, x):
+            return self.head(self.left(x) + self.right(x))
+
+    model = TwoTower()
+    model(np.zeros((1, 2), dtype="float32"))
+    return model
+
+
+def _inputs(name: str, rng: np.random.Generator) -> np.ndarray:
+    if name == "conv_bn":
+        return rng.random((16, 8, 8, 1), dtype=np.float32)
+    if name == "lstm":
+        return rng.integers(0, 20, size=(16, 5)).astype("int32")
+    return rng.random((16, 2), dtype=np.float32)
+
+
+BUILDERS = {"mlp": _mlp, "conv_bn": _conv_bn, "lstm": _lstm, "subclassed": _subclassed}
+
+
+@pytest.fixture(scope="session")
+def keras_module():
+    import keras
+
+    return keras
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory, keras_module) -> dict[str, Run]:
+    """Four model families x three checkpoints x every format they can be saved in."""
+    keras = keras_module
+    keras.utils.set_random_seed(7)
+    rng = np.random.default_rng(7)
+    out: dict[str, Run] = {}
+    for name, build in BUILDERS.items():
+        directory = tmp_path_factory.mktemp(name)
+        model = build(keras)
+        model.compile(optimizer="adam", loss="categorical_crossentropy")
+        x = _inputs(name, rng)
+        y = keras.utils.to_categorical(rng.integers(0, 3, len(x)), 3)
+        run = Run(name, model, x=x)
+        formats = ("keras", "weights.h5") if name == "subclassed" else FORMATS
+        for epoch in range(3):
+            model.fit(x, y, epochs=2, batch_size=4, verbose=0)
+            for fmt in formats:
+                path = directory / f"{name}_{epoch}.{fmt}"
+                model.save_weights(path) if fmt == "weights.h5" else model.save(path)
+                run.files.setdefault(fmt, []).append(path)
+            run.weights.append([np.array(w) for w in model.get_weights()])
+        out[name] = run
+    return out
+
+
+@pytest.fixture(scope="session")
+def dtype_runs(tmp_path_factory, keras_module) -> dict[str, Run]:
+    """A Dense model in float16, bfloat16 and float64, saved in every format."""
+    keras = keras_module
+    out = {}
+    for dtype in ("float16", "bfloat16", "float64"):
+        directory = tmp_path_factory.mktemp(dtype)
+        model = keras.Sequential(
+            [keras.Input((3,)), keras.layers.Dense(5, dtype=dtype), keras.layers.Dense(2, dtype=dtype)]
+        )
+        rng = np.random.default_rng(1)
+        run = Run(dtype, model)
+        for epoch in range(3):
+            model.set_weights([rng.standard_normal(w.shape).astype(w.dtype) for w in model.get_weights()])
+            for fmt in FORMATS:
+                path = directory / f"m_{epoch}.{fmt}"
+                model.save_weights(path) if fmt == "weights.h5" else model.save(path)
+                run.files.setdefault(fmt, []).append(path)
+            run.weights.append([np.array(w) for w in model.get_weights()])
+        out[dtype] = run
+    return out
+
+
+def reference_average(weights: list[list[np.ndarray]], w: np.ndarray) -> list[np.ndarray]:
+    """numpy.average over the checkpoints, tensor by tensor, in each tensor's own dtype."""
+    result = []
+    for tensors in zip(*weights, strict=True):
+        stacked = np.stack([t.astype(np.float64) for t in tensors])
+        result.append(np.average(stacked, axis=0, weights=w).astype(tensors[0].dtype))
+    return result
+
+
+def h5_tensors(path: Path) -> dict[str, np.ndarray]:
+    """Every dataset of an HDF5 file (or of a .keras archive's weights) by name."""
+    import io
+    import zipfile
+
+    import h5py
+
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            source = io.BytesIO(archive.read("model.weights.h5"))
+        f = h5py.File(source, "r")
+    else:
+        f = h5py.File(path, "r")
+    found: dict[str, np.ndarray] = {}
+    with f:
+        f.visititems(lambda n, o: found.__setitem__(n, o[()]) if isinstance(o, h5py.Dataset) else None)
+    return found

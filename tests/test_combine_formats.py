@@ -1,0 +1,153 @@
+"""combine on real Keras checkpoints: every format, model family and dtype.
+
+The output must equal numpy.average of the weights Keras reported (to the last bit, in the
+tensor's dtype), load back in Keras, predict like a model given those weights, and carry
+the newest input's architecture, config, non-float tensors and optimizer state.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import h5py
+import ml_dtypes
+import numpy as np
+import pytest
+from conftest import FORMATS, h5_tensors, reference_average
+
+import wavg
+
+SCHEMES = [("equal", {}), ("linear", {}), ("exp", {"alpha": 0.7})]
+
+
+def load(keras, run, fmt, path):
+    if fmt == "weights.h5":
+        model = keras.models.clone_model(run.model) if run.name != "subclassed" else type(run.model)()
+        if run.name == "subclassed":
+            model(np.zeros((1, 2), dtype="float32"))
+        model.load_weights(path)
+        return model
+    return keras.models.load_model(path)
+
+
+# Keras cannot save a subclassed model as legacy .h5, so that pair does not exist.
+CASES = [(f, fmt) for f in ("mlp", "conv_bn", "lstm", "subclassed") for fmt in FORMATS]
+CASES.remove(("subclassed", "h5"))
+
+
+@pytest.mark.parametrize(("family", "fmt"), CASES)
+def test_average_equals_numpy_average_and_loads_in_keras(runs, keras_module, tmp_path, family, fmt):
+    run = runs[family]
+    for scheme, options in SCHEMES:
+        out = tmp_path / f"avg_{scheme}.{fmt}"
+        summary = wavg.combine(run.files[fmt], out, scheme=scheme, **options)
+        expected = reference_average(run.weights, wavg.scheme_weights(3, scheme, **options))
+        model = load(keras_module, run, fmt, out)
+        got = [np.array(w) for w in model.get_weights()]
+        assert len(got) == len(expected)
+        for a, b in zip(got, expected, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-6)
+            assert np.array_equal(a, b), "the average must be exact in the tensor's dtype"
+        assert summary.format == ("keras" if fmt == "keras" else summary.format)
+        reference = keras_module.models.clone_model(model) if family != "subclassed" else model
+        if family != "subclassed":
+            reference.set_weights(expected)
+        np.testing.assert_allclose(
+            model.predict(run.x, verbose=0), reference.predict(run.x, verbose=0), rtol=1e-5
+        )
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_float_dtype_is_averaged_exactly_and_written_back_in_its_dtype(
+    dtype_runs, tmp_path, dtype, fmt
+):
+    run = dtype_runs[dtype]
+    out = tmp_path / f"avg.{fmt}"
+    wavg.combine(run.files[fmt], out, scheme="linear")
+    w = wavg.scheme_weights(3, "linear")
+    newest, averaged = h5_tensors(run.files[fmt][-1]), h5_tensors(out)
+    inputs = [h5_tensors(p) for p in run.files[fmt]]
+    numeric = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    checked = 0
+    for name, value in averaged.items():
+        if "optimizer" in name or value.dtype != newest[name].dtype or value.ndim == 0:
+            continue
+        assert value.dtype == newest[name].dtype  # stored type unchanged (opaque for bfloat16)
+        # float64 tensors are summed in extended precision, so the reference is too.
+        wide = np.longdouble if numeric == np.float64 else np.float64
+        stack = np.stack([t[name].view(numeric).astype(wide) for t in inputs])
+        weights = w.astype(wide).reshape(-1, *[1] * (stack.ndim - 1))
+        expected = ((stack * weights).sum(axis=0) / weights.sum()).astype(numeric)
+        assert np.array_equal(value.view(numeric), expected), name
+        numpy_average = np.average(stack.astype(np.float64), axis=0, weights=w)
+        eps = max(float(ml_dtypes.finfo(numeric).eps), 1e-6)  # one rounding to its dtype
+        np.testing.assert_allclose(value.view(numeric).astype(np.float64), numpy_average, rtol=eps)
+        checked += 1
+    assert checked == 4
+
+
+def test_non_float_tensors_and_optimizer_state_come_from_the_newest(runs, tmp_path):
+    files = runs["mlp"].files["h5"]
+    out = tmp_path / "avg.h5"
+    wavg.combine(files, out)
+    newest, averaged = h5_tensors(files[-1]), h5_tensors(out)
+    optimizer = [n for n in newest if n.startswith("optimizer_weights/")]
+    assert optimizer, "the fixture must carry optimizer state"
+    for name in optimizer:
+        assert np.array_equal(averaged[name], newest[name]), name
+    assert averaged["optimizer_weights/adam/iteration"].dtype.kind == "i"
+
+
+def test_output_carries_the_newest_config_and_metadata(runs, tmp_path):
+    files = runs["conv_bn"].files
+    out_h5 = tmp_path / "avg.h5"
+    wavg.combine(files["h5"], out_h5)
+    with h5py.File(files["h5"][-1]) as src, h5py.File(out_h5) as dst:
+        assert dict(src.attrs) == dict(dst.attrs)
+        assert list(src["model_weights"].attrs["layer_names"]) == list(
+            dst["model_weights"].attrs["layer_names"]
+        )
+    out_keras = tmp_path / "avg.keras"
+    wavg.combine(files["keras"], out_keras)
+    with zipfile.ZipFile(files["keras"][-1]) as src, zipfile.ZipFile(out_keras) as dst:
+        for member in ("config.json", "metadata.json"):
+            assert src.read(member) == dst.read(member)
+        json.loads(dst.read("config.json"))
+        assert dst.getinfo("model.weights.h5").compress_type == zipfile.ZIP_STORED
+
+
+@pytest.mark.parametrize("fmt", ["h5", "keras"])
+def test_drop_optimizer_removes_optimizer_state_and_the_model_still_loads(
+    runs, keras_module, tmp_path, fmt
+):
+    out = tmp_path / f"avg.{fmt}"
+    summary = wavg.combine(runs["mlp"].files[fmt], out, drop_optimizer=True)
+    assert summary.dropped_optimizer
+    names = h5_tensors(out)
+    assert not [n for n in names if n.startswith(("optimizer/", "optimizer_weights/"))]
+    model = keras_module.models.load_model(out)
+    assert len(model.get_weights()) == len(runs["mlp"].weights[0])
+
+
+def test_sample_checkpoints_average_like_the_tutorial(keras_module, tmp_path):
+    from conftest import SAMPLES
+
+    files = sorted(SAMPLES.glob("model_49*.h5"))
+    assert len(files) == 10
+    out = tmp_path / "avg.h5"
+    wavg.combine([str(f) for f in files], out, scheme="exp", alpha=2)
+    members = [keras_module.models.load_model(f).get_weights() for f in files]
+    expected = reference_average(members, wavg.scheme_weights(10, "exp", 2.0))
+    got = keras_module.models.load_model(out).get_weights()
+    for a, b in zip(got, expected, strict=True):
+        assert np.array_equal(a, b)
+
+
+def test_output_name_must_match_the_input_format(runs, tmp_path):
+    with pytest.raises(wavg.WavgError, match=r"must end in \.weights\.h5"):
+        wavg.combine(runs["mlp"].files["weights.h5"], tmp_path / "avg.h5")
+    with pytest.raises(wavg.WavgError, match=r"must end in \.h5"):
+        wavg.combine(runs["mlp"].files["h5"], tmp_path / "avg.weights.h5")
+    assert not list(tmp_path.iterdir())
