@@ -19,7 +19,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 
 from wavg.combine import CombinePlan, plan_combine, run_plan
-from wavg.errors import EXIT_USAGE, UsageError, WavgError
+from wavg.errors import EXIT_INTERRUPTED, EXIT_USAGE, UsageError, WavgError
 from wavg.ordering import ORDERS
 from wavg.schemes import DEFAULT_ALPHA, SCHEMES, parse_weight_list
 
@@ -30,7 +30,26 @@ PROGRESS_MIN_BYTES = 64 << 20
 # group and entry point
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _WavgGroup(click.Group):
+    """A group whose every failure ends as one line on stderr and a documented exit code.
+
+    Overriding `main` (rather than wrapping it in the console script) gives tests that use
+    Click's CliRunner exactly what a user sees.
+    """
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        def run() -> object:
+            return super(_WavgGroup, self).main(
+                args, prog_name, complete_var, standalone_mode=False, **extra
+            )
+
+        code = _run_reporting_errors(run)
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+@click.group(cls=_WavgGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="wavg")
 def cli() -> None:
     """Average the weights of Keras checkpoints (Polyak-Ruppert averaging)."""
@@ -40,7 +59,7 @@ def cli() -> None:
 # combine
 
 
-@cli.command(no_args_is_help=True)
+@cli.command()
 @click.argument("checkpoints", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option(
     "-o",
@@ -197,16 +216,24 @@ def _size(n: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console-script entry point: run the CLI and turn every known failure into one line."""
+    """Console-script entry point."""
     _install_signal_handlers()
+    return cli.main(args=argv, prog_name="wavg", standalone_mode=False)
+
+
+def _run_reporting_errors(run: Callable[[], object]) -> int:
+    """Run the CLI; turn every failure wavg knows into one line and an exit code."""
     try:
-        cli.main(args=argv, prog_name="wavg", standalone_mode=False)
+        result = run()
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.exceptions.Abort:
         _fail("interrupted; no output was written")
-        return 130
+        return EXIT_INTERRUPTED
     except click.ClickException as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError" and exc.ctx is not None:
+            click.echo(exc.ctx.get_help(), err=True)  # bare `wavg`: show what it can do
+            return EXIT_USAGE
         hint = ""
         if isinstance(exc, click.UsageError) and exc.ctx is not None:
             hint = f" (see '{exc.ctx.command_path} --help')"
@@ -217,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         _fail("interrupted; no output was written")
-        return 130
-    return 0
+        return EXIT_INTERRUPTED
+    return result if isinstance(result, int) else 0
 
 
 def _fail(message: str) -> None:
@@ -284,7 +311,7 @@ def train_save_command(
     """Train the case-study model (or --model) and keep its last K epochs as checkpoints."""
     from wavg.train import train_save
 
-    with _epoch_progress(enabled=not quiet) as progress:
+    with _step_progress(enabled=not quiet) as progress:
         task = progress.add_task("training", total=epochs)
         result = train_save(
             out_dir,
@@ -308,20 +335,109 @@ def train_save_command(
         )
 
 
-def _stderr_console():
+@cli.command("evaluate", no_args_is_help=True)
+@click.argument("checkpoints", nargs=-1, required=True)
+@click.option("--data", default="blobs", show_default=True, help="'blobs' or FILE.npz.")
+@click.option("--schemes", default="equal,linear,exp", show_default=True, help="Averages.")
+@click.option("--alpha", type=float, default=2.0, show_default=True, help="Decay of 'exp'.")
+@click.option("--alphas", default=None, help="Extra exp columns, e.g. 0.5,1,2,4,8.")
+@click.option("--max-n", type=int, default=None, help="Evaluate n = 1 ... N (default: all).")
+@click.option("--no-ensemble", is_flag=True, help="Skip the output-averaging column.")
+@click.option("--plot", "plot_path", default=None, help="Save a plot to FILE.png.")
+@click.option("--json", "as_json", is_flag=True, help="JSON on stdout (wavg.evaluate/1).")
+@click.option("--csv", "as_csv", is_flag=True, help="CSV on stdout, one score per line.")
+@click.option("--model", "model_file", default=None, help="Architecture (FILE.keras).")
+@click.option("--custom-objects", default=None, help="Module defining the model's classes.")
+@click.option("--trust-file", is_flag=True, help="Load files even if they hold code.")
+def evaluate_command(
+    checkpoints: tuple[str, ...],
+    data: str,
+    schemes: str,
+    alpha: float,
+    alphas: str | None,
+    max_n: int | None,
+    no_ensemble: bool,
+    plot_path: str | None,
+    as_json: bool,
+    as_csv: bool,
+    model_file: str | None,
+    custom_objects: str | None,
+    trust_file: bool,
+) -> None:
+    """Score single checkpoints, weight averages and the ensemble of the n newest, n = 1...N."""
+    from wavg.evaluate import evaluate, parse_list
+    from wavg.plot import check_plot_path, plot_evaluation
+
+    if as_json and as_csv:
+        raise UsageError("give --json or --csv, not both")
+    if plot_path is not None:
+        check_plot_path(plot_path)
+    with _step_progress(enabled=True) as progress:
+        task = progress.add_task("evaluating", total=None)
+        result = evaluate(
+            checkpoints,
+            data=data,
+            schemes=parse_list(schemes, "--schemes"),
+            alpha=alpha,
+            alphas=parse_list(alphas, "--alphas", float),
+            max_n=max_n,
+            ensemble=not no_ensemble,
+            model=model_file,
+            custom_objects=custom_objects,
+            trust=trust_file,
+            progress=lambda done, total: progress.update(task, completed=done, total=total),
+        )
+    for warning in result.warnings:
+        click.echo(f"wavg: warning: {warning}", err=True)
+    if plot_path is not None:
+        plot_evaluation(result, plot_path)
+    if as_json:
+        click.echo(result.to_json())
+    elif as_csv:
+        click.echo(result.to_csv(), nl=False)
+    else:
+        _render_evaluation(result)
+        if plot_path is not None:
+            click.echo(f"plot saved to {plot_path}", err=True)
+
+
+def _render_evaluation(result) -> None:
+    """The primary metric per n and column; each column's best in bold with '*' (unless flat)."""
     from rich.console import Console
+    from rich.table import Table
 
-    return Console(stderr=True)
+    from wavg.evaluate import higher_is_better
+
+    metric = result.primary_metric
+    direction = "higher" if higher_is_better(metric) else "lower"
+    table = Table(title=f"test {metric} on {result.data} ({direction} is better, * best)")
+    table.add_column("n", justify="right")
+    table.add_column("epoch", justify="right")
+    for column in result.columns:
+        table.add_column(column, justify="right")
+    best = {column: result.best(column)[1] for column in result.columns}
+    varies = {c: len({row[c][metric] for row in result.scores}) > 1 for c in result.columns}
+    for n, row in enumerate(result.scores, start=1):
+        cells = []
+        for column in result.columns:
+            value = row[column][metric]
+            marked = varies[column] and value == best[column]
+            cells.append(f"[bold]{value:.4f}*[/]" if marked else f"{value:.4f} ")
+        epoch = result.epochs[-n]
+        table.add_row(str(n), "" if epoch is None else str(epoch), *cells)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)  # a pipe or file: never squeeze the columns to 80
+    console.print(table)
 
 
-def _epoch_progress(enabled: bool):
+def _step_progress(enabled: bool):
     """A rich progress bar on an interactive stderr; renders nothing in pipes, CI or --quiet."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    console = _stderr_console()
     columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    show = enabled and console.is_terminal
-    return Progress(*columns, console=console, transient=True, disable=not show)
+    show = enabled and _stderr.is_terminal
+    return Progress(*columns, console=_stderr, transient=True, disable=not show)
 
 
 if __name__ == "__main__":
