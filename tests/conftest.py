@@ -33,7 +33,11 @@ class Run:
 
 def _mlp(keras):
     return keras.Sequential(
-        [keras.Input((2,)), keras.layers.Dense(25, activation="relu"), keras.layers.Dense(3, activation="softmax")]
+        [
+            keras.Input((2,)),
+            keras.layers.Dense(25, activation="relu"),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
     )
 
 
@@ -130,12 +134,18 @@ def dtype_runs(tmp_path_factory, keras_module) -> dict[str, Run]:
     for dtype in ("float16", "bfloat16", "float64"):
         directory = tmp_path_factory.mktemp(dtype)
         model = keras.Sequential(
-            [keras.Input((3,)), keras.layers.Dense(5, dtype=dtype), keras.layers.Dense(2, dtype=dtype)]
+            [
+                keras.Input((3,)),
+                keras.layers.Dense(5, dtype=dtype),
+                keras.layers.Dense(2, dtype=dtype),
+            ]
         )
         rng = np.random.default_rng(1)
         run = Run(dtype, model)
         for epoch in range(3):
-            model.set_weights([rng.standard_normal(w.shape).astype(w.dtype) for w in model.get_weights()])
+            model.set_weights(
+                [rng.standard_normal(w.shape).astype(w.dtype) for w in model.get_weights()]
+            )
             for fmt in FORMATS:
                 path = directory / f"m_{epoch}.{fmt}"
                 model.save_weights(path) if fmt == "weights.h5" else model.save(path)
@@ -169,5 +179,7 @@ def h5_tensors(path: Path) -> dict[str, np.ndarray]:
         f = h5py.File(path, "r")
     found: dict[str, np.ndarray] = {}
     with f:
-        f.visititems(lambda n, o: found.__setitem__(n, o[()]) if isinstance(o, h5py.Dataset) else None)
+        f.visititems(
+            lambda n, o: found.__setitem__(n, o[()]) if isinstance(o, h5py.Dataset) else None
+        )
     return found

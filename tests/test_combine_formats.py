@@ -23,7 +23,9 @@ SCHEMES = [("equal", {}), ("linear", {}), ("exp", {"alpha": 0.7})]
 
 def load(keras, run, fmt, path):
     if fmt == "weights.h5":
-        model = keras.models.clone_model(run.model) if run.name != "subclassed" else type(run.model)()
+        model = (
+            keras.models.clone_model(run.model) if run.name != "subclassed" else type(run.model)()
+        )
         if run.name == "subclassed":
             model(np.zeros((1, 2), dtype="float32"))
         model.load_weights(path)
