@@ -25,6 +25,7 @@ from wavg.schemes import DEFAULT_ALPHA, SCHEMES, parse_weight_list
 
 _stderr = Console(stderr=True)
 PROGRESS_MIN_BYTES = 64 << 20
+PLAN_ROWS = 20
 
 # ---------------------------------------------------------------------------------------------
 # group and entry point
@@ -162,20 +163,27 @@ def combine(
 
 
 def _render_plan(plan: CombinePlan) -> None:
-    table = Table(
-        title=f"wavg combine: {plan.scheme}"
-        + (f" (alpha {plan.alpha:g})" if plan.alpha is not None else ""),
-        title_justify="left",
-    )
+    alpha = f" (alpha {plan.alpha:g})" if plan.alpha is not None else ""
+    table = Table(title=f"wavg combine: {plan.scheme}{alpha}", title_justify="left")
     table.add_column("#", justify="right")
-    table.add_column("checkpoint")
+    table.add_column("checkpoint", overflow="fold")
     table.add_column("epoch", justify="right")
     table.add_column("weight", justify="right")
-    newest = len(plan.inputs) - 1
-    for i, (path, epoch, weight) in enumerate(
-        zip(plan.inputs, plan.epochs, plan.weights, strict=True)
-    ):
-        label = f"{path} (newest)" if i == newest else str(path)
+    one_directory = len({p.parent for p in plan.inputs}) == 1
+    if one_directory:
+        table.caption = f"in {plan.inputs[0].parent}"
+        table.caption_justify = "left"
+    rows = list(zip(plan.inputs, plan.epochs, plan.weights, strict=True))
+    shown = list(range(len(rows)))
+    if len(rows) > PLAN_ROWS:  # e.g. a thousand inputs: the oldest few, then the newest
+        shown = [*range(3), -1, *range(len(rows) - PLAN_ROWS + 4, len(rows))]
+    for i in shown:
+        if i < 0:
+            table.add_row("…", f"({len(rows) - PLAN_ROWS + 1} more)", "", "")
+            continue
+        path, epoch, weight = rows[i]
+        name = path.name if one_directory else str(path)
+        label = f"{name} (newest)" if i == len(rows) - 1 else name
         table.add_row(str(i + 1), label, "" if epoch is None else str(epoch), f"{weight:.4f}")
     _stderr.print(table)
 
