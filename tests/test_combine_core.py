@@ -12,6 +12,7 @@ import h5py
 import ml_dtypes
 import numpy as np
 import pytest
+from conftest import assert_exact_average
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -123,19 +124,6 @@ def make_series(
     return files, contents
 
 
-def expected_average(contents, weights, name):
-    """The weighted mean summed as wavg promises: float64, extended for float64 tensors.
-
-    (numpy's cast from extended precision to float32 rounds twice, so a float32 reference
-    computed in extended precision is itself off by one ulp now and then.)
-    """
-    dtype = contents[0][name].dtype
-    wide = np.longdouble if dtype == np.float64 else np.float64
-    stack = np.stack([c[name].astype(wide) for c in contents])
-    w = np.asarray(weights, dtype=wide).reshape(-1, *[1] * (stack.ndim - 1))
-    return ((stack * w).sum(axis=0) / w.sum()).astype(contents[0][name].dtype)
-
-
 @pytest.mark.parametrize(
     "options",
     [
@@ -154,7 +142,7 @@ def test_every_storage_layout_averages_to_the_same_exact_result(tmp_path, option
     wavg.run_plan(plan, out, block_items=block)
     got = read_weights(out)
     for name in contents[0]:
-        assert np.array_equal(got[name], expected_average(contents, plan.weights, name)), name
+        assert_exact_average(got[name], [c[name] for c in contents], plan.raw_weights)
     assert got["optimizer/vars/0"] == 7
 
 
@@ -179,9 +167,8 @@ def test_a_row_larger_than_a_block_is_still_averaged_exactly(tmp_path):
     plan = wavg.plan_combine(files)
     wavg.run_plan(plan, out, block_items=2)
     got = read_weights(out)
-    assert np.array_equal(
-        got["layers/dense/vars/0"], expected_average(contents, plan.weights, "layers/dense/vars/0")
-    )
+    name = "layers/dense/vars/0"
+    assert_exact_average(got[name], [c[name] for c in contents], plan.raw_weights)
 
 
 def test_zero_weight_checkpoints_are_not_read_but_still_checked(tmp_path):
@@ -190,7 +177,7 @@ def test_zero_weight_checkpoints_are_not_read_but_still_checked(tmp_path):
     wavg.combine(files, out, weights=[0, 1, 1])
     got = read_weights(out)
     name = "layers/dense/vars/0"
-    assert np.array_equal(got[name], expected_average(contents[1:], [1, 1], name))
+    assert_exact_average(got[name], [c[name] for c in contents[1:]], [1, 1])
     write_weights(files[0], {"layers/other/vars/0": np.zeros(3, np.float32)})
     with pytest.raises(CheckpointMismatch, match="has no tensor layers/dense/vars/0"):
         wavg.combine(files, tmp_path / "avg2.weights.h5", weights=[0, 1, 1])

@@ -14,9 +14,10 @@ import h5py
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import FORMATS, h5_tensors, reference_average
+from conftest import FORMATS, assert_exact_average, h5_tensors, reference_average
 
 import wavg
+from wavg.schemes import raw_weights
 
 SCHEMES = [("equal", {}), ("linear", {}), ("exp", {"alpha": 0.7})]
 
@@ -44,13 +45,13 @@ def test_average_equals_numpy_average_and_loads_in_keras(runs, keras_module, tmp
     for scheme, options in SCHEMES:
         out = tmp_path / f"avg_{scheme}.{fmt}"
         summary = wavg.combine(run.files[fmt], out, scheme=scheme, **options)
-        expected = reference_average(run.weights, wavg.scheme_weights(3, scheme, **options))
+        w = raw_weights(3, scheme, **options)
+        expected = reference_average(run.weights, w)
         model = load(keras_module, run, fmt, out)
-        got = [np.array(w) for w in model.get_weights()]
+        got = [np.array(t) for t in model.get_weights()]
         assert len(got) == len(expected)
-        for a, b in zip(got, expected, strict=True):
-            np.testing.assert_allclose(a, b, rtol=1e-6)
-            assert np.array_equal(a, b), "the average must be exact in the tensor's dtype"
+        for i, tensor in enumerate(got):
+            assert_exact_average(tensor, [member[i] for member in run.weights], w)
         assert summary.format == ("keras" if fmt == "keras" else summary.format)
         reference = keras_module.models.clone_model(model) if family != "subclassed" else model
         if family != "subclassed":
@@ -68,7 +69,7 @@ def test_every_float_dtype_is_averaged_exactly_and_written_back_in_its_dtype(
     run = dtype_runs[dtype]
     out = tmp_path / f"avg.{fmt}"
     wavg.combine(run.files[fmt], out, scheme="linear")
-    w = wavg.scheme_weights(3, "linear")
+    w = raw_weights(3, "linear")
     newest, averaged = h5_tensors(run.files[fmt][-1]), h5_tensors(out)
     inputs = [h5_tensors(p) for p in run.files[fmt]]
     numeric = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
@@ -77,15 +78,8 @@ def test_every_float_dtype_is_averaged_exactly_and_written_back_in_its_dtype(
         if "optimizer" in name or value.dtype != newest[name].dtype or value.ndim == 0:
             continue
         assert value.dtype == newest[name].dtype  # stored type unchanged (opaque for bfloat16)
-        # float64 tensors are summed in extended precision, so the reference is too.
-        wide = np.longdouble if numeric == np.float64 else np.float64
-        stack = np.stack([t[name].view(numeric).astype(wide) for t in inputs])
-        weights = w.astype(wide).reshape(-1, *[1] * (stack.ndim - 1))
-        expected = ((stack * weights).sum(axis=0) / weights.sum()).astype(numeric)
-        assert np.array_equal(value.view(numeric), expected), name
-        numpy_average = np.average(stack.astype(np.float64), axis=0, weights=w)
-        eps = max(float(ml_dtypes.finfo(numeric).eps), 1e-6)  # one rounding to its dtype
-        np.testing.assert_allclose(value.view(numeric).astype(np.float64), numpy_average, rtol=eps)
+        members = [np.asarray(t[name]).view(numeric) for t in inputs]
+        assert_exact_average(value.view(numeric), members, w)
         checked += 1
     assert checked == 4
 
@@ -141,10 +135,9 @@ def test_sample_checkpoints_average_like_the_tutorial(keras_module, tmp_path):
     out = tmp_path / "avg.h5"
     wavg.combine([str(f) for f in files], out, scheme="exp", alpha=2)
     members = [keras_module.models.load_model(f).get_weights() for f in files]
-    expected = reference_average(members, wavg.scheme_weights(10, "exp", 2.0))
     got = keras_module.models.load_model(out).get_weights()
-    for a, b in zip(got, expected, strict=True):
-        assert np.array_equal(a, b)
+    for i, tensor in enumerate(got):
+        assert_exact_average(tensor, [m[i] for m in members], raw_weights(10, "exp", 2.0))
 
 
 def test_output_name_must_match_the_input_format(runs, tmp_path):

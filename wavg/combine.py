@@ -11,8 +11,11 @@ read once and each output byte written once. This module knows no file format: i
 from __future__ import annotations
 
 import os
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,12 +31,14 @@ from wavg.errors import (
     UsageError,
 )
 from wavg.ordering import epoch_numbers, order_checkpoints
-from wavg.schemes import DEFAULT_ALPHA, scheme_weights
+from wavg.schemes import DEFAULT_ALPHA, raw_weights
 
 # Items per block: 1 Mi items keeps the float64 sum and its scratch at 16 MiB.
 BLOCK_ITEMS = 1 << 20
 # Keep every input's descriptor open up to this many inputs; beyond it, reopen per read.
 MAX_OPEN_INPUTS = 256
+# Two workers: the machines wavg targets have two cores or more, and the work is memory-bound.
+WORKERS = 2
 _EXTENDED = np.longdouble if np.finfo(np.longdouble).nmant > 52 else np.float64
 
 Progress = Callable[[int, int], None]
@@ -48,6 +53,7 @@ class CombinePlan:
     weights: list[float]
     scheme: str
     alpha: float | None
+    raw_weights: list[float] = field(default_factory=list)  # unnormalised, what is summed
 
 
 @dataclass
@@ -102,13 +108,14 @@ def plan_combine(
     ordered = order_checkpoints(paths, order, last)
     if weights is not None:
         scheme = "custom"
-    normalised = scheme_weights(
-        len(ordered), "equal" if weights is not None else scheme, alpha, weights
-    )
+    raw = raw_weights(len(ordered), "equal" if weights is not None else scheme, alpha, weights)
+    normalised = raw / raw.sum()
+
     return CombinePlan(
         inputs=ordered,
         epochs=epoch_numbers(ordered),
         weights=[float(w) for w in normalised],
+        raw_weights=[float(w) for w in raw],
         scheme=scheme,
         alpha=float(alpha) if scheme == "exp" else None,
     )
@@ -201,7 +208,7 @@ def run_plan(
         if not dry_run:
             _write_average(
                 inputs,
-                plan.weights,
+                plan.raw_weights or plan.weights,
                 out_path,
                 summary,
                 allow_nonfinite,
@@ -305,7 +312,7 @@ def _write_average(
 ) -> None:
     newest = inputs[-1]
     layout = newest.layout
-    members = [(ckpt, w) for ckpt, w in zip(inputs, weights, strict=True) if w > 0]
+    averager = BlockAverager(inputs, weights, block_items, allow_nonfinite)
 
     def keep(name: str) -> bool:
         return not (drop_optimizer and layout.is_optimizer(name))
@@ -317,65 +324,121 @@ def _write_average(
             raise OutputError(out, f"cannot write ({_reason(exc)})") from None
         try:
             tensors = [newest.tensors[name] for name in writer.order]
-            total = sum(t.nbytes for t in tensors) * len(members)
-            scratch = np.empty(block_items * 8, dtype=np.uint8)
+            total = sum(t.nbytes for t in tensors) * len(averager.members)
             done = 0
-            for tensor in tensors:
-                acc_dtype = _EXTENDED if tensor.dtype == np.float64 else np.float64
-                acc_buf = np.empty(min(block_items, tensor.size), dtype=acc_dtype)
-                tmp_buf = np.empty_like(acc_buf)
-                weight_sum = acc_dtype(sum(acc_dtype(w) for _, w in members))
-                for start, count, slices in iter_blocks(tensor.shape, 1, block_items):
-                    if count > acc_buf.size:  # a single row larger than a block
-                        acc_buf = np.empty(count, dtype=acc_dtype)
-                        tmp_buf = np.empty_like(acc_buf)
-                        scratch = np.empty(count * 8, dtype=np.uint8)
-                    acc, term = acc_buf[:count], tmp_buf[:count]
-                    for i, (ckpt, w) in enumerate(members):
-                        block = ckpt.read(ckpt.tensors[tensor.name], start, count, slices, scratch)
-                        if i == 0:
-                            np.multiply(block, acc_dtype(w), out=acc)
-                        else:
-                            np.multiply(block, acc_dtype(w), out=term)
-                            np.add(acc, term, out=acc)
-                    acc /= weight_sum
-                    if not allow_nonfinite and not np.isfinite(acc).all():
-                        _raise_nonfinite(members, tensor, start, count, slices, scratch)
-                    writer.write(tensor, start, acc.astype(tensor.dtype).view(tensor.storage))
-                    done += count * tensor.storage.itemsize * len(members)
-                    if progress is not None:
-                        progress(done, total)
+            for tensor, start, data in averager.blocks(tensors):
+                writer.write(tensor, start, data)
+                done += data.nbytes * len(averager.members)
+                if progress is not None:
+                    progress(done, total)
             summary.bytes_read = done
             for ckpt in inputs:
                 ckpt.file.check_unchanged()
-            try:
-                summary.bytes_written = writer.finish()
-            except OSError as exc:
-                raise OutputError(out, f"cannot write ({_reason(exc)})") from None
+            summary.bytes_written = writer.finish()
         except OSError as exc:
             raise OutputError(out, f"cannot write ({_reason(exc)})") from None
         finally:
             writer.close()
 
 
-def _raise_nonfinite(
-    members: list[tuple[Checkpoint, float]],
-    tensor: Tensor,
-    start: int,
-    count: int,
-    slices: tuple[slice, ...],
-    scratch: np.ndarray,
-) -> None:
-    """Name the first input whose block of `tensor` holds NaN or Inf."""
-    for ckpt, _ in members:
-        block = ckpt.read(ckpt.tensors[tensor.name], start, count, slices, scratch)
-        if not np.isfinite(block.astype(np.float64)).all():
-            raise NonFiniteValues(
-                ckpt.path,
-                f"tensor {tensor.name} holds NaN or Inf values "
-                "(pass --allow-nonfinite to average it anyway)",
-            )
-    raise CheckpointError(members[-1][0].path, f"the average of tensor {tensor.name} is not finite")
+class BlockAverager:
+    """Computes averaged blocks on worker threads and yields them in file order.
+
+    Reads (``preadv``) and numpy arithmetic both release the GIL, so two workers keep both
+    cores busy while the caller writes the previous block. The weights are the scheme's raw
+    ones (all 1 for equal, 1..n for linear): inputs of weight 1 are added without a multiply,
+    and the sum is divided by the total weight once at the end. Memory is a
+    few blocks per worker plus the blocks in flight, whatever the model size or input count.
+    """
+
+    def __init__(
+        self,
+        inputs: list[Checkpoint],
+        weights: list[float],
+        block_items: int,
+        allow_nonfinite: bool,
+    ) -> None:
+        self.members = [(c, w) for c, w in zip(inputs, weights, strict=True) if w > 0]
+        self.block_items = block_items
+        self.allow_nonfinite = allow_nonfinite
+        self._local = threading.local()
+
+    def blocks(self, tensors: list[Tensor]) -> Iterator[tuple[Tensor, int, np.ndarray]]:
+        jobs = (
+            (tensor, start, count, slices)
+            for tensor in tensors
+            for start, count, slices in iter_blocks(tensor.shape, 1, self.block_items)
+        )
+        pending: deque[Future] = deque()
+        pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="wavg-average")
+        try:
+            for job in jobs:
+                pending.append(pool.submit(self._average, *job))
+                if len(pending) > WORKERS:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _buffers(self, dtype: type, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """This thread's sum, term and read buffers, reused from block to block."""
+        cache = self._local.__dict__.setdefault("buffers", {})
+        size = max(count, self.block_items)
+        found = cache.get(dtype)
+        if found is None or found[0].size < count:
+            found = (np.empty(size, dtype), np.empty(size, dtype), np.empty(size * 8, np.uint8))
+            cache[dtype] = found
+        return found
+
+    def _average(
+        self, tensor: Tensor, start: int, count: int, slices: tuple[slice, ...]
+    ) -> tuple[Tensor, int, np.ndarray]:
+        acc_dtype = _EXTENDED if tensor.dtype == np.float64 else np.float64
+        acc_buf, term_buf, scratch = self._buffers(acc_dtype, count)
+        acc, term = acc_buf[:count], term_buf[:count]
+        total = acc_dtype(0)
+        for i, (ckpt, w) in enumerate(self.members):
+            block = ckpt.read(ckpt.tensors[tensor.name], start, count, slices, scratch)
+            total += acc_dtype(w)
+            if w == 1.0:
+                if i == 0:
+                    np.copyto(acc, block)
+                else:
+                    np.add(acc, block, out=acc)
+            elif i == 0:
+                np.multiply(block, acc_dtype(w), out=acc)
+            else:
+                np.multiply(block, acc_dtype(w), out=term)
+                np.add(acc, term, out=acc)
+        acc /= total
+        # A sum is finite exactly when every term is (no overflow: |values| <= dtype max).
+        if not self.allow_nonfinite and not np.isfinite(acc.sum()):
+            self._raise_nonfinite(tensor, start, count, slices, scratch)
+        out = np.empty(count, dtype=tensor.dtype)
+        np.copyto(out, acc, casting="unsafe")
+        return tensor, start, out.view(tensor.storage)
+
+    def _raise_nonfinite(
+        self,
+        tensor: Tensor,
+        start: int,
+        count: int,
+        slices: tuple[slice, ...],
+        scratch: np.ndarray,
+    ) -> None:
+        """Name the first input whose block of `tensor` holds NaN or Inf."""
+        for ckpt, _ in self.members:
+            block = ckpt.read(ckpt.tensors[tensor.name], start, count, slices, scratch)
+            if not np.isfinite(block.astype(np.float64)).all():
+                raise NonFiniteValues(
+                    ckpt.path,
+                    f"tensor {tensor.name} holds NaN or Inf values "
+                    "(pass --allow-nonfinite to average it anyway)",
+                )
+        raise CheckpointError(
+            self.members[-1][0].path, f"the average of tensor {tensor.name} is not finite"
+        )
 
 
 def _reason(exc: OSError) -> str:

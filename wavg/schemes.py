@@ -38,30 +38,44 @@ def scheme_weights(
     >>> scheme_weights(3, "linear").round(3).tolist()
     [0.167, 0.333, 0.5]
     """
+    raw = raw_weights(n, scheme, alpha, weights)
+    return raw / raw.sum()
+
+
+def raw_weights(
+    n: int,
+    scheme: str = "equal",
+    alpha: float = DEFAULT_ALPHA,
+    weights: Sequence[float] | None = None,
+) -> np.ndarray:
+    """The same weights before normalisation, as exact as float64 allows.
+
+    Averaging with these and dividing by their sum once avoids rounding every weight:
+    equal is all ones and linear the integers 1..n, so those averages are exact up to the
+    final rounding; exp is 1 for the newest. Same contract and errors as `scheme_weights`.
+    """
     if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
         raise UsageError(f"need at least one checkpoint to average, got {n!r}")
     if weights is not None:
         if scheme not in ("equal", "custom"):
             raise UsageError("give either a scheme or custom weights, not both")
-        return normalise(weights, n)
+        return checked_custom(weights, n)
     if scheme == "equal":
-        raw = np.ones(n)
-    elif scheme == "linear":
-        raw = np.arange(1, n + 1, dtype=np.float64) / n
-    elif scheme == "exp":
+        return np.ones(n)
+    if scheme == "linear":
+        return np.arange(1, n + 1, dtype=np.float64)
+    if scheme == "exp":
         if not (isinstance(alpha, int | float) and math.isfinite(alpha) and alpha > 0):
             raise UsageError(f"--alpha must be a positive number, got {alpha!r}")
         age = np.arange(n - 1, -1, -1, dtype=np.float64)  # 0 for the newest
-        raw = np.exp(-age / alpha)
-    elif scheme == "custom":
+        return np.exp(-age / alpha)
+    if scheme == "custom":
         raise UsageError("scheme 'custom' needs --weights")
-    else:
-        raise UsageError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
-    return raw / raw.sum()
+    raise UsageError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
 
 
-def normalise(weights: Sequence[float], n: int) -> np.ndarray:
-    """Check custom weights for `n` checkpoints and scale them to sum to 1."""
+def checked_custom(weights: Sequence[float], n: int) -> np.ndarray:
+    """Custom weights for `n` checkpoints as float64, refused unless they can weight."""
     try:
         raw = np.asarray([float(w) for w in weights], dtype=np.float64)
     except (TypeError, ValueError) as exc:
@@ -72,10 +86,9 @@ def normalise(weights: Sequence[float], n: int) -> np.ndarray:
         raise UsageError("weights must be finite numbers")
     if (raw < 0).any():
         raise UsageError("weights must not be negative")
-    total = raw.sum()
-    if not total > 0:
+    if not raw.sum() > 0:
         raise UsageError("weights must not all be zero")
-    return raw / total
+    return raw
 
 
 def parse_weight_list(text: str) -> list[float]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Callable, Iterator
 
 import h5py
@@ -48,6 +49,7 @@ class Checkpoint:
         self.layout = layout
         self.tensors: dict[str, Tensor] = {}
         self._h5: h5py.File | None = None
+        self._h5_lock = threading.Lock()
 
     # Subclasses say where the HDF5 data lives.
     def _open_weights(self) -> h5py.File:
@@ -101,7 +103,7 @@ class Checkpoint:
                         self.path, f"read error in {tensor.name} ({exc.strerror})"
                     ) from None
         else:
-            with self.weights_h5() as h5:
+            with self._h5_lock, self.weights_h5() as h5:  # h5py handles are not shared
                 out = read_hyperslab(h5[tensor.name], slices, self.path)
         return out.view(tensor.dtype)
 

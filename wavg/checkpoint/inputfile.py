@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -42,6 +43,7 @@ class InputFile:
         self.identity = _identity(st)
         self.size = st.st_size
         self._fd: int | None = fd
+        self._lock = threading.Lock()
         self.keep_open = True
 
     def _open(self) -> int:
@@ -61,18 +63,32 @@ class InputFile:
 
     @contextmanager
     def fd(self) -> Iterator[int]:
-        """A descriptor for the file, reopened (and re-identified) if it was released."""
-        if self._fd is None:
-            fd = self._open()
-            if _identity(os.fstat(fd)) != self.identity:
-                os.close(fd)
-                raise InputChanged(self.path, "changed while it was being read")
-            self._fd = fd
+        """A descriptor for the file; safe to use from several threads at once.
+
+        With `keep_open` one descriptor is shared (positional reads need no seek); without
+        it each use opens a private one, re-identified, and closes it afterwards.
+        """
+        if self.keep_open:
+            with self._lock:
+                if self._fd is None:
+                    self._fd = self._reopen()
+                fd = self._fd
+            yield fd
+            return
+        fd = self._reopen()
         try:
-            yield self._fd
+            yield fd
         finally:
-            if not self.keep_open:
-                self.release()
+            os.close(fd)
+
+    def _reopen(self) -> int:
+        if not os.path.lexists(self.path):  # it was there when first opened
+            raise InputChanged(self.path, "disappeared while it was being read")
+        fd = self._open()
+        if _identity(os.fstat(fd)) != self.identity:
+            os.close(fd)
+            raise InputChanged(self.path, "changed while it was being read")
+        return fd
 
     def read_at(self, offset: int, size: int) -> bytes:
         """Read exactly `size` bytes at `offset` (fewer means the file is truncated)."""
@@ -83,9 +99,10 @@ class InputFile:
         return data
 
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
     def check_unchanged(self) -> None:
         """Raise `InputChanged` if the file on disk is no longer the one that was read."""
