@@ -304,3 +304,23 @@ def test_a_thousand_inputs_work_with_few_file_descriptors(tmp_path):
     result = run_python(code, "combine", *files, "-o", str(out))
     assert result.returncode == 0, result.stderr[-2000:]
     assert np.array_equal(read_weights(out)["layers/a/vars/0"], np.arange(6, dtype=np.float32))
+
+
+def test_integer_weight_tensors_are_copied_from_the_newest_with_a_warning(tmp_path):
+    files = []
+    for i in range(3):
+        files.append(
+            write_weights(
+                tmp_path / f"m_{i}.weights.h5",
+                {
+                    "layers/q/vars/0": np.full((4, 8), i, np.int8),
+                    "layers/q/vars/1": np.full(8, float(i), np.float32),
+                },
+            )
+        )
+    out = tmp_path / "avg.weights.h5"
+    summary = wavg.combine(files, out)
+    got = read_weights(out)
+    assert np.array_equal(got["layers/q/vars/0"], np.full((4, 8), 2, np.int8))
+    assert np.array_equal(got["layers/q/vars/1"], np.full(8, 1.0, np.float32))
+    assert len(summary.warnings) == 1 and "layers/q/vars/0 (int8)" in summary.warnings[0]

@@ -145,7 +145,7 @@ def combine(
             drop_optimizer=drop_optimizer,
             dry_run=dry_run,
             progress=progress,
-            on_ready=lambda _: _render_plan(plan),
+            on_ready=lambda summary: _render_plan(plan, summary.warnings),
         )
     if as_json:
         click.echo(json.dumps(summary.to_json(), indent=2))
@@ -162,7 +162,7 @@ def combine(
         )
 
 
-def _render_plan(plan: CombinePlan) -> None:
+def _render_plan(plan: CombinePlan, warnings: list[str]) -> None:
     alpha = f" (alpha {plan.alpha:g})" if plan.alpha is not None else ""
     table = Table(title=f"wavg combine: {plan.scheme}{alpha}", title_justify="left")
     table.add_column("#", justify="right")
@@ -186,6 +186,8 @@ def _render_plan(plan: CombinePlan) -> None:
         label = f"{name} (newest)" if i == len(rows) - 1 else name
         table.add_row(str(i + 1), label, "" if epoch is None else str(epoch), f"{weight:.4f}")
     _stderr.print(table)
+    for warning in warnings:
+        _stderr.print(f"wavg: warning: {warning}", markup=False, highlight=False)
 
 
 @contextlib.contextmanager

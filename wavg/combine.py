@@ -203,6 +203,7 @@ def run_plan(
             dry_run=dry_run,
             dropped_optimizer=drop_optimizer,
         )
+        summary.warnings.extend(_copied_weight_warnings(newest))
         if on_ready is not None:
             on_ready(summary)
         if not dry_run:
@@ -221,6 +222,30 @@ def run_plan(
             ckpt.close()
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _copied_weight_warnings(newest: Checkpoint) -> list[str]:
+    """Say so when model weights (not optimizer state) are copied rather than averaged.
+
+    Integer tensors of some size in the model's weights are usually quantized kernels: they
+    cannot be averaged, and the newest file's values are kept. Small ones (seed-generator
+    states, counters) are not worth a warning.
+    """
+    copied = [
+        t
+        for t in newest.tensors.values()
+        if not t.averaged
+        and t.storage.kind in "iub"
+        and t.size >= 16
+        and not newest.layout.is_optimizer(t.name)
+    ]
+    if not copied:
+        return []
+    first = copied[0]
+    return [
+        f"{len(copied)} non-float weight tensor(s), e.g. {first.name} ({first.storage}), are "
+        "copied from the newest checkpoint, not averaged"
+    ]
 
 
 def _descriptor_budget() -> int:
