@@ -31,5 +31,8 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(BIN)/python bench/run.py --quick
 
+fuzz: $(STAMP)
+	$(BIN)/python scripts/fuzz.py --cases 20000
+
 clean:
 	rm -rf $(DEMO_DIR) bench/out .pytest_cache .ruff_cache .hypothesis

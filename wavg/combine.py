@@ -181,6 +181,7 @@ def run_plan(
         for path in plan.inputs:
             ckpt = open_checkpoint(os.fspath(path))
             inputs.append(ckpt)
+            ckpt.trim()
             if not keep_open:
                 ckpt.file.keep_open = False
                 ckpt.release()

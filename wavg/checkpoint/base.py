@@ -107,6 +107,13 @@ class Checkpoint:
                 out = read_hyperslab(h5[tensor.name], slices, self.path)
         return out.view(tensor.dtype)
 
+    def trim(self) -> None:
+        """Close the h5py handle if raw reads need none (its metadata cache costs memory
+        per input); it is reopened on demand."""
+        if self.raw_readable:
+            with self._h5_lock:
+                self._close_h5()
+
     def release(self) -> None:
         """Give back descriptors; the next read reopens (and re-identifies) the file."""
         self._close_h5()
