@@ -353,6 +353,7 @@ def train_save_command(
 @click.option("--alphas", default=None, help="Extra exp columns, e.g. 0.5,1,2,4,8.")
 @click.option("--max-n", type=int, default=None, help="Evaluate n = 1 ... N (default: all).")
 @click.option("--no-ensemble", is_flag=True, help="Skip the output-averaging column.")
+@click.option("--metric", default=None, help="Score to show (default: accuracy, else loss).")
 @click.option("--plot", "plot_path", default=None, help="Save a plot to FILE.png.")
 @click.option("--json", "as_json", is_flag=True, help="JSON on stdout (wavg.evaluate/1).")
 @click.option("--csv", "as_csv", is_flag=True, help="CSV on stdout, one score per line.")
@@ -367,6 +368,7 @@ def evaluate_command(
     alphas: str | None,
     max_n: int | None,
     no_ensemble: bool,
+    metric: str | None,
     plot_path: str | None,
     as_json: bool,
     as_csv: bool,
@@ -399,40 +401,41 @@ def evaluate_command(
         )
     for warning in result.warnings:
         click.echo(f"wavg: warning: {warning}", err=True)
+    metric = result.check_metric(metric)
     if plot_path is not None:
-        plot_evaluation(result, plot_path)
+        plot_evaluation(result, plot_path, metric)
     if as_json:
         click.echo(result.to_json())
     elif as_csv:
         click.echo(result.to_csv(), nl=False)
     else:
-        _render_evaluation(result)
+        _render_evaluation(result, metric)
         if plot_path is not None:
             click.echo(f"plot saved to {plot_path}", err=True)
 
 
-def _render_evaluation(result) -> None:
-    """The primary metric per n and column; each column's best in bold with '*' (unless flat)."""
+def _render_evaluation(result, metric: str) -> None:
+    """`metric` per n and column; each column's best in bold with '*' (unless flat)."""
     from rich.console import Console
     from rich.table import Table
 
     from wavg.evaluate import higher_is_better
 
-    metric = result.primary_metric
     direction = "higher" if higher_is_better(metric) else "lower"
     table = Table(title=f"test {metric} on {result.data} ({direction} is better, * best)")
     table.add_column("n", justify="right")
     table.add_column("epoch", justify="right")
     for column in result.columns:
         table.add_column(column, justify="right")
-    best = {column: result.best(column)[1] for column in result.columns}
-    varies = {c: len({row[c][metric] for row in result.scores}) > 1 for c in result.columns}
-    for n, row in enumerate(result.scores, start=1):
+    # Compared as shown (4 decimals), so a mark never hangs on an invisible difference.
+    shown = {c: [f"{row[c][metric]:.4f}" for row in result.scores] for c in result.columns}
+    best = {c: f"{result.best(c, metric)[1]:.4f}" for c in result.columns}
+    for n in range(1, len(result.scores) + 1):
         cells = []
         for column in result.columns:
-            value = row[column][metric]
-            marked = varies[column] and value == best[column]
-            cells.append(f"[bold]{value:.4f}*[/]" if marked else f"{value:.4f} ")
+            text = shown[column][n - 1]
+            marked = len(set(shown[column])) > 1 and text == best[column]
+            cells.append(f"[bold]{text}*[/]" if marked else f"{text} ")
         epoch = result.epochs[-n]
         table.add_row(str(n), "" if epoch is None else str(epoch), *cells)
     console = Console()

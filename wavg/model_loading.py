@@ -17,6 +17,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -30,6 +31,20 @@ _CODE_LAYERS = {
     "TFSMLayer": "a TFSMLayer (it loads and runs an external SavedModel)",
 }
 _VOCABULARY_LAYERS = {"StringLookup", "IntegerLookup", "TextVectorization"}
+_KERAS_BUILTIN_FAMILIES = (
+    "activations",
+    "constraints",
+    "initializers",
+    "losses",
+    "metrics",
+    "optimizers",
+    "regularizers",
+)
+# How Keras words "this config names a class I do not know" across releases.
+_UNKNOWN_CLASS = re.compile(
+    r"(?:Could not locate (?:class|function)|Unknown (?:layer|object|class)[^'\"`]*|"
+    r"Could not deserialize)\s*['\"`]([^'\"`]+)"
+)
 _TRUST_HINT = "wavg refuses it unless you trust the file: pass --trust-file (trust=True in Python)"
 
 
@@ -115,12 +130,22 @@ def unsafe_references(config: Any, allowed: frozenset[str] = frozenset()) -> lis
         ):
             found.append(f"a {class_name} that reads its vocabulary from a file")
         module = node.get("module")
-        if isinstance(module, str) and not _is_keras_module(module):
+        if isinstance(module, str) and not _is_keras_module(module) and not _keras_builtin(node):
             names = {str(node.get(key)) for key in ("class_name", "registered_name", "config")}
             if not names & allowed:
                 what = node.get("config") if class_name == "function" else class_name
                 found.append(f"a reference to {module}.{what} (outside keras)")
     return list(dict.fromkeys(found))
+
+
+def check_self_contained(path: str | os.PathLike[str]) -> None:
+    """Run `wavg.combine`'s reader over the file (a dry run, nothing written): it refuses
+    HDF5 links and datasets that point outside the file, zip entries that escape the archive,
+    and size bombs, before Keras reads a byte of it."""
+    from wavg.combine import combine
+
+    with tempfile.TemporaryDirectory(prefix="wavg-check-") as tmp:
+        combine([path], Path(tmp) / Path(path).name, order="given", dry_run=True)
 
 
 def check_config(
@@ -189,6 +214,7 @@ def load_model(
         if isinstance(custom_objects, str) or custom_objects is None
         else dict(custom_objects)
     )
+    check_self_contained(path)
     check_config(path, trust=trust, allowed=allowed_names(objects))
     try:
         with keras_logs_quiet():
@@ -210,9 +236,7 @@ def load_weights(model: Any, path: str | os.PathLike[str]) -> None:
 
 def _load_problem(exc: Exception) -> str:
     text = _oneline(exc)
-    unknown = re.search(
-        r"(?:Could not locate|Unknown) (?:class|layer|object)[^'\"`]*['\"`]([^'\"`]+)", text
-    )
+    unknown = _UNKNOWN_CLASS.search(text)
     if unknown:
         return (
             f"cannot load the model: unknown class {unknown.group(1)!r}; pass "
@@ -232,6 +256,21 @@ def _is_keras_module(module: str) -> bool:
     return module == "keras" or module.startswith("keras.")
 
 
+def _keras_builtin(node: dict[str, Any]) -> bool:
+    """Keras stores its own losses and activations as functions of module "builtins" and, on
+    load, looks the name up only in keras.activations, keras.losses, ... ; allow exactly those."""
+    name = node.get("config")
+    if node.get("module") != "builtins" or node.get("class_name") != "function":
+        return False
+    if not isinstance(name, str) or not name.isidentifier():
+        return False
+    keras = import_keras()
+    return any(
+        callable(getattr(getattr(keras, family, None), name, None))
+        for family in _KERAS_BUILTIN_FAMILIES
+    )
+
+
 def _dicts(node: Any) -> Iterator[dict[str, Any]]:
     stack = [node]
     while stack:
@@ -243,7 +282,6 @@ def _dicts(node: Any) -> Iterator[dict[str, Any]]:
             stack.extend(item)
 
 
-@contextlib.contextmanager
 @contextlib.contextmanager
 def keras_logs_quiet() -> Iterator[None]:
     """Hide Keras' absl warnings (legacy-format notices, "metrics not built yet") for a block."""

@@ -99,17 +99,20 @@ def train_save(
 
 def case_study_model(keras: Any, optimizer: str = "adam") -> Any:
     """The tutorial's MLP, compiled with categorical cross-entropy and accuracy."""
+    # Fixed names: otherwise Keras numbers layers per process (dense, dense_2, ...) and two
+    # runs in one process would store their tensors under different names.
     net = keras.Sequential(
         [
-            keras.Input(shape=(2,)),
-            keras.layers.Dense(25, activation="relu"),
-            keras.layers.Dense(3, activation="softmax"),
-        ]
+            keras.Input(shape=(2,), name="features"),
+            keras.layers.Dense(25, activation="relu", name="hidden"),
+            keras.layers.Dense(3, activation="softmax", name="classes"),
+        ],
+        name="case_study",
     )
     opt = (
-        keras.optimizers.SGD(learning_rate=0.01, momentum=0.9)
+        keras.optimizers.SGD(learning_rate=0.01, momentum=0.9, name="sgd")
         if optimizer == "sgd"
-        else keras.optimizers.Adam()
+        else keras.optimizers.Adam(name="adam")
     )
     net.compile(loss="categorical_crossentropy", optimizer=opt, metrics=["accuracy"])
     return net
