@@ -61,7 +61,9 @@ def cli() -> None:
 
 
 @cli.command()
-@click.argument("checkpoints", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.argument(
+    "checkpoints", nargs=-1, required=True, type=click.Path(path_type=str, readable=False)
+)
 @click.option(
     "-o",
     "--output",
