@@ -14,7 +14,14 @@ from collections.abc import Callable, Iterator
 import h5py
 import numpy as np
 
-from wavg.checkpoint.hdf5 import Tensor, open_h5, read_hyperslab, read_raw, walk
+from wavg.checkpoint.hdf5 import (
+    Tensor,
+    check_global_heaps,
+    open_h5,
+    read_hyperslab,
+    read_raw,
+    walk,
+)
 from wavg.checkpoint.inputfile import InputFile
 from wavg.checkpoint.layouts import Layout
 from wavg.errors import CheckpointError
@@ -58,8 +65,13 @@ class Checkpoint:
     def make_writer(self, tmp_path: str, keep: Callable[[str], bool]) -> Writer:
         raise NotImplementedError
 
+    def _weights_reader(self) -> Callable[[int, int], bytes]:
+        """Reads bytes of the HDF5 weights file at physical offsets (see `_load_tensors`)."""
+        return self.file.read_at
+
     def _load_tensors(self, base_offset: int, data_end: int) -> None:
         with self.weights_h5() as h5:
+            check_global_heaps(h5, self._weights_reader(), self.path, base_offset, data_end)
             self.tensors = walk(
                 h5, self.path, lambda n: not self.layout.is_optimizer(n), base_offset, data_end
             )

@@ -50,7 +50,7 @@ class H5Writer(Writer):
     def __init__(self, template: Checkpoint, tmp_path: str, keep: Callable[[str], bool]) -> None:
         self.path = tmp_path
         with template.weights_h5() as src:
-            self.offsets = build_skeleton(src, tmp_path, template.tensors, keep)
+            self.offsets = build_skeleton(src, tmp_path, template.tensors, keep, template.path)
         self.order = sorted(self.offsets, key=self.offsets.__getitem__)
         self._fd: int | None = os.open(tmp_path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
 

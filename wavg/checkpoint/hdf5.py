@@ -15,6 +15,7 @@ that lies past the end of the file, and declared sizes that dwarf the stored byt
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -28,6 +29,9 @@ import numpy as np
 from wavg.errors import CheckpointError, UnsafeCheckpoint
 
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+IEEE_FLOATS = tuple(
+    getattr(h5py.h5t, f"IEEE_F{bits}{order}") for bits in (16, 32, 64) for order in ("LE", "BE")
+)
 # A chunked or compressed dataset may declare at most this many times its stored bytes
 # (beyond a small floor): real weights barely compress, a fill-value bomb compresses ~1000x.
 MAX_EXPANSION = 64
@@ -93,6 +97,9 @@ def walk(
     """
     tensors: dict[str, Tensor] = {}
     seen: set[tuple[int, int]] = set()
+    # Bytes declared and stored by the tensors not read raw, over the whole file: many
+    # bombs each under the floor must not add up to gigabytes of fill values.
+    expanded = [0, 0]
 
     def visit(group: h5py.Group, prefix: str) -> None:
         for key in group:
@@ -111,7 +118,11 @@ def walk(
             if isinstance(obj, h5py.Group):
                 visit(obj, f"{name}/")
             elif isinstance(obj, h5py.Dataset):
-                tensors[name] = _tensor(path, name, obj, is_averaged, base_offset, data_end)
+                tensor = _tensor(path, name, obj, is_averaged, base_offset, data_end)
+                tensors[name] = tensor
+                if tensor.offset is None:
+                    expanded[0] += tensor.nbytes
+                    expanded[1] += obj.id.get_storage_size()
             else:
                 raise UnsafeCheckpoint(path, f"{name} is a named datatype, not a tensor")
 
@@ -119,7 +130,96 @@ def walk(
         visit(h5, "")
     except (OSError, RuntimeError, ValueError, KeyError) as exc:
         raise CheckpointError(path, f"damaged HDF5 structure ({_reason(exc)})") from None
+    declared, stored = expanded
+    if declared > EXPANSION_FLOOR_BYTES and declared > MAX_EXPANSION * stored:
+        raise UnsafeCheckpoint(
+            path,
+            f"its chunked or compressed tensors declare {declared} bytes but store only "
+            f"{stored}; refusing a decompression bomb",
+        )
     return tensors
+
+
+GCOL_SIGNATURE = b"GCOL"
+MAX_COLLECTION = 64 << 20
+SCAN_BLOCK = 1 << 20
+
+
+def check_global_heaps(
+    h5: h5py.File,
+    read_at: Callable[[int, int], bytes],
+    path: str,
+    base_offset: int,
+    data_end: int,
+) -> None:
+    """Refuse a damaged global heap collection before libhdf5 parses it.
+
+    Variable-length strings (most attributes Keras writes) live in global heap collections
+    ("GCOL" blocks). libhdf5 walks a collection's objects by their declared sizes; a free
+    object of size 0 makes it loop forever in C, where no signal can stop it. The bytes
+    outside the contiguous datasets are scanned for collections, and each is walked here
+    the way libhdf5 would, first. `read_at(offset, size)` reads the HDF5 file's bytes at
+    `offset` (physical, `base_offset` included).
+    """
+    sizeof_size = h5.id.get_create_plist().get_sizes()[1]
+    extents: list[tuple[int, int]] = []
+
+    def visit(name: str, obj: Any) -> None:
+        if isinstance(obj, h5py.Dataset):
+            raw = obj.id.get_offset()
+            if raw is not None:
+                extents.append((base_offset + raw, base_offset + raw + obj.id.get_storage_size()))
+
+    with contextlib.suppress(OSError, RuntimeError, ValueError, KeyError):
+        h5.visititems(visit)  # a damaged structure is reported by `walk`, naming the object
+    gaps, position = [], base_offset
+    for start, end in sorted(extents):
+        if start > position:
+            gaps.append((position, min(start, data_end)))
+        position = max(position, end)
+    gaps.append((position, data_end))
+    checked: set[int] = set()
+    for gap_start, gap_end in gaps:
+        position = gap_start
+        while position < gap_end:
+            size = min(SCAN_BLOCK, gap_end - position)
+            block = read_at(position, size)
+            hit = block.find(GCOL_SIGNATURE)
+            while hit >= 0:
+                if position + hit not in checked:
+                    checked.add(position + hit)
+                    _check_collection(read_at, path, position + hit, data_end, sizeof_size)
+                hit = block.find(GCOL_SIGNATURE, hit + 1)
+            if position + size >= gap_end:
+                break
+            position += size - len(GCOL_SIGNATURE) + 1  # overlap: a signature across blocks
+
+
+def _check_collection(
+    read_at: Callable[[int, int], bytes], path: str, at: int, data_end: int, sizeof_size: int
+) -> None:
+    header = 8 + sizeof_size  # "GCOL", version, 3 reserved, collection size
+    if at + header > data_end:
+        return
+    head = read_at(at, header)
+    size = int.from_bytes(head[8:], "little")
+    if head[4] != 1 or size < header or size > MAX_COLLECTION or at + size > data_end:
+        return  # not a collection libhdf5 would walk (it rejects these itself)
+    body = read_at(at, size)
+    object_header = 8 + sizeof_size  # index, references, reserved, object size
+    p = header
+    while p < size:
+        if p + object_header > size:
+            break  # libhdf5 treats a tail too short for a header as free space
+        index = int.from_bytes(body[p : p + 2], "little")
+        length = int.from_bytes(body[p + 8 : p + 8 + sizeof_size], "little")
+        need = object_header + (length + 7) // 8 * 8 if index else length
+        if need == 0 or need > size - p:
+            raise UnsafeCheckpoint(
+                path,
+                f"damaged HDF5 global heap at byte {at} (libhdf5 would loop or overrun on it)",
+            )
+        p += need
 
 
 def _tensor(
@@ -159,6 +259,9 @@ def _tensor(
         )
     dtype = numeric_dtype(dset) if dset.shape is not None else None
     averaged = dtype is not None and is_averaged(name)
+    if averaged and dtype.kind == "f" and not any(map(dset.id.get_type().equal, IEEE_FLOATS)):
+        # numpy (and the raw reads) would take its bytes for IEEE; HDF5 would convert them.
+        raise CheckpointError(path, f"tensor {name} is stored in a non-IEEE floating-point format")
     return Tensor(name, shape, dtype or dset.dtype, dset.dtype, averaged, offset)
 
 

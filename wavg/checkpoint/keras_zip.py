@@ -14,7 +14,9 @@ import io
 import os
 import struct
 import zipfile
+import zlib
 from collections.abc import Callable
+from typing import IO
 
 import h5py
 import numpy as np
@@ -32,6 +34,8 @@ MAX_SMALL_MEMBER = 256 << 20
 MAX_RATIO = 200
 _LOCAL_HEADER = struct.Struct("<4s22xHH")
 COPY_BLOCK = 1 << 20
+# NotImplementedError: an unknown zip version or compression method.
+_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError, NotImplementedError)
 
 
 class _Window(io.RawIOBase):
@@ -64,6 +68,40 @@ class _Window(io.RawIOBase):
         return got
 
 
+class _Checked(io.RawIOBase):
+    """A member stream whose decompression errors are `CheckpointError`s naming the archive.
+
+    h5py passes exceptions raised by a file object through unchanged, so a damaged deflate
+    stream surfaces as one line naming the file instead of a zlib traceback.
+    """
+
+    def __init__(self, stream: IO[bytes], path: str) -> None:
+        self._stream, self._path = stream, path
+
+    def _call(self, method: str, *args):
+        try:
+            return getattr(self._stream, method)(*args)
+        except _ZIP_ERRORS as exc:
+            raise CheckpointError(self._path, f"damaged archive member {WEIGHTS} ({exc})") from None
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._call("seek", offset, whence)
+
+    def tell(self) -> int:
+        return self._call("tell")
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        data = self._call("read", len(buffer))
+        memoryview(buffer)[: len(data)] = data
+        return len(data)
+
+
 class KerasCheckpoint(Checkpoint):
     """A ``.keras`` archive whose model.weights.h5 is averaged."""
 
@@ -80,8 +118,27 @@ class KerasCheckpoint(Checkpoint):
         else:
             # A re-zipped archive: readable, but only through the zip stream (no raw reads).
             self._data_start = None
-            self._load_tensors(base_offset=0, data_end=0)
+            self._load_tensors(base_offset=0, data_end=info.file_size)
             self.tensors = {n: _without_offset(t) for n, t in self.tensors.items()}
+
+    def _weights_reader(self) -> Callable[[int, int], bytes]:
+        if self._data_start is not None:
+            return self.file.read_at
+        stream = self._compressed_weights()
+
+        def read_at(offset: int, size: int) -> bytes:
+            stream.seek(offset)
+            return stream.read(size)
+
+        return read_at
+
+    def _compressed_weights(self) -> IO[bytes]:
+        """The compressed weights member as a decompressing stream (a rare, slow path)."""
+        try:
+            archive = zipfile.ZipFile(_Window(self.file, 0, self.file.size))
+            return _Checked(archive.open(WEIGHTS), self.path)
+        except _ZIP_ERRORS as exc:
+            raise CheckpointError(self.path, f"damaged archive member {WEIGHTS} ({exc})") from None
 
     def _open_weights(self) -> h5py.File:
         info = self._weights_info
@@ -90,15 +147,14 @@ class KerasCheckpoint(Checkpoint):
                 _Window(self.file, self._data_start, info.file_size), 1 << 16
             )
         else:
-            archive = zipfile.ZipFile(_Window(self.file, 0, self.file.size))
-            source = archive.open(WEIGHTS)
+            source = self._compressed_weights()
         return open_h5(source, f"{self.path}:{WEIGHTS}")
 
     def read_member(self, name: str) -> bytes:
         with zipfile.ZipFile(_Window(self.file, 0, self.file.size)) as archive:
             try:
                 return archive.read(name)
-            except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            except _ZIP_ERRORS as exc:
                 raise CheckpointError(self.path, f"damaged archive member {name} ({exc})") from None
 
     def make_writer(self, tmp_path: str, keep: Callable[[str], bool]) -> Writer:
@@ -114,7 +170,7 @@ def _check_members(file: InputFile) -> dict[str, zipfile.ZipInfo]:
     try:
         with zipfile.ZipFile(_Window(file, 0, file.size)) as archive:
             infos = archive.infolist()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
         raise CheckpointError(file.path, f"not a valid .keras archive ({exc})") from None
     members: dict[str, zipfile.ZipInfo] = {}
     for info in infos:
@@ -171,7 +227,9 @@ class KerasWriter(Writer):
         self._skeleton_fd: int | None = None
         self._archive: zipfile.ZipFile | None = None
         with template.weights_h5() as src:
-            self.offsets = build_skeleton(src, self._skeleton_path, template.tensors, keep)
+            self.offsets = build_skeleton(
+                src, self._skeleton_path, template.tensors, keep, template.path
+            )
         self.order = sorted(self.offsets, key=self.offsets.__getitem__)
         self._skeleton_fd = os.open(self._skeleton_path, os.O_RDONLY)
         self._skeleton_size = os.fstat(self._skeleton_fd).st_size
@@ -215,6 +273,10 @@ class KerasWriter(Writer):
 
     def close(self) -> None:
         if self._archive is not None:
+            # The member's write handle first: a ZipFile left with one open complains (with
+            # a traceback on stderr) when it is garbage-collected.
+            with contextlib.suppress(Exception):
+                self._stream.close()
             with contextlib.suppress(Exception):
                 self._archive.close()
             self._archive = None

@@ -8,12 +8,15 @@ the output is written once and sequentially whatever the format around it.
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Callable
 
 import h5py
 import numpy as np
 
 from wavg.checkpoint.hdf5 import Tensor
+from wavg.errors import CheckpointError
 
 
 def build_skeleton(
@@ -21,12 +24,44 @@ def build_skeleton(
     dst_path: str,
     tensors: dict[str, Tensor],
     keep: Callable[[str], bool],
+    source: str | None = None,
 ) -> dict[str, int]:
     """Copy `src` into a new HDF5 file at `dst_path`, leaving room for the averaged tensors.
 
     Objects whose name `keep` rejects (e.g. the optimizer group for --drop-optimizer) are
     left out. Returns the byte offset of each non-empty averaged tensor in the new file.
+    HDF5 failures become an `OSError` when writing failed (disk full, file too large) and a
+    `CheckpointError` naming `source` when the input could not be read.
     """
+    try:
+        return _build_skeleton(src, dst_path, tensors, keep)
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
+        raise _translate(exc, source or str(src.filename)) from None
+
+
+_WRITE_FAILED = re.compile(r"(write|truncate|extend|flush) failed.*?errno = (\d+)")
+
+
+def _translate(exc: BaseException, source: str) -> Exception:
+    text = " ".join(str(exc).split())
+    found = _WRITE_FAILED.search(text)
+    if found:
+        code = int(found.group(2))
+        return OSError(code, os.strerror(code))
+    if isinstance(exc, OSError) and exc.errno is not None and not text.startswith("Unable"):
+        return exc  # from the operating system, about the output
+    return CheckpointError(
+        source, f"cannot copy its structure ({text[:200] or type(exc).__name__})"
+    )
+
+
+def _build_skeleton(
+    src: h5py.File,
+    dst_path: str,
+    tensors: dict[str, Tensor],
+    keep: Callable[[str], bool],
+) -> dict[str, int]:
+    _check_types(src)
     averaged = {name for name, t in tensors.items() if t.averaged}
     holds_averaged = {
         name.rsplit("/", i)[0] for name in averaged for i in range(name.count("/") + 1)
@@ -41,6 +76,30 @@ def build_skeleton(
             if raw is not None:
                 offsets[name] = raw
     return offsets
+
+
+def _check_types(src: h5py.File) -> None:
+    """Refuse variable-length types that libhdf5 decodes but crashes converting.
+
+    libhdf5 accepts a variable-length type whose kind is neither sequence nor string (a
+    damaged bit field) and then crashes (SIGSEGV) reading or copying its values.
+    """
+    objects: list[h5py.HLObject] = [src]
+    src.visititems(lambda name, obj: objects.append(obj))
+    for obj in objects:
+        found = (
+            [(f"dataset {obj.name}", obj.id.get_type())] if isinstance(obj, h5py.Dataset) else []
+        )
+        for name in obj.attrs:
+            key = name if isinstance(name, bytes) else name.encode()
+            found.append(
+                (f"attribute {name!r} of {obj.name}", h5py.h5a.open(obj.id, key).get_type())
+            )
+        for what, ftype in found:
+            # H5Tencode: 2 bytes of header, then the datatype message (class, bit field, ...).
+            # Strings report class STRING, so a VLEN here must be a sequence (kind 0).
+            if ftype.get_class() == h5py.h5t.VLEN and ftype.encode()[3] & 0x0F != 0:
+                raise ValueError(f"{what} has a damaged variable-length type")
 
 
 def _copy_group(
@@ -80,9 +139,17 @@ def _create_empty_like(src: h5py.Dataset, dst: h5py.Group, key: str) -> None:
 def _copy_attrs(src: h5py.HLObject, dst: h5py.HLObject) -> None:
     """Copy attributes with their exact stored types (fixed vs variable strings, arrays)."""
     for name in src.attrs:
-        attr = h5py.h5a.open(src.id, name.encode())
-        new = h5py.h5a.create(dst.id, name.encode(), attr.get_type(), attr.get_space())
+        key = name if isinstance(name, bytes) else name.encode()  # bytes: not valid UTF-8
+        attr = h5py.h5a.open(src.id, key)
+        new = h5py.h5a.create(dst.id, key, attr.get_type(), attr.get_space())
         if attr.get_storage_size() or attr.shape:
             buf = np.empty(attr.shape, dtype=attr.dtype)
-            attr.read(buf, mtype=attr.get_type())
-            new.write(buf, mtype=attr.get_type())
+            ftype = attr.get_type()
+            if ftype.detect_class(h5py.h5t.VLEN) or ftype.detect_class(h5py.h5t.REFERENCE):
+                # Sequences and references are not laid out in memory as their file type:
+                # reading them with it would overrun `buf`. h5py converts them to objects.
+                attr.read(buf)
+                new.write(buf)
+            else:
+                attr.read(buf, mtype=ftype)
+                new.write(buf, mtype=ftype)
