@@ -211,3 +211,19 @@ def h5_tensors(path: Path) -> dict[str, np.ndarray]:
             lambda n, o: found.__setitem__(n, o[()]) if isinstance(o, h5py.Dataset) else None
         )
     return found
+
+
+@pytest.fixture(scope="session")
+def kf(tmp_path_factory) -> Path:
+    """Keras checkpoints in every format for the safety tests (see helpers_safety)."""
+    import helpers_safety
+
+    return helpers_safety.keras_fixtures(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def samples(tmp_path_factory) -> list[Path]:
+    """A session copy of the case-study sample checkpoints for the safety tests."""
+    import helpers_safety
+
+    return helpers_safety.samples(tmp_path_factory)

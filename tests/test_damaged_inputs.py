@@ -25,16 +25,6 @@ from wavg.errors import CheckpointError, CheckpointMismatch, InputChanged, NonFi
 COMBINE_MODULE = importlib.import_module("wavg.combine")  # `wavg.combine` is the function
 
 
-@pytest.fixture(scope="session")
-def kf(tmp_path_factory) -> Path:
-    return hs.keras_fixtures(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def samples(tmp_path_factory) -> list[Path]:
-    return hs.samples(tmp_path_factory)
-
-
 def refused(args, capfd, inputs, names, code=1) -> str:
     """Run the CLI in-process; assert the one-line refusal, no output and untouched inputs."""
     out = Path(args[args.index("-o") + 1])

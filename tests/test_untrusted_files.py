@@ -36,14 +36,13 @@ EXPECTED = {
 }
 
 
-@pytest.fixture(scope="session")
-def kf(tmp_path_factory) -> Path:
-    return hs.keras_fixtures(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def samples(tmp_path_factory) -> list[Path]:
-    return hs.samples(tmp_path_factory)
+def last_two(fmt: str, kf: Path, samples: list[Path]) -> tuple[Path, Path]:
+    """The two newest checkpoints of one format: (older, newest)."""
+    if fmt == "h5":
+        return samples[-2], samples[-1]
+    if fmt == "keras":
+        return kf / "keras/model_2.keras", kf / "keras/model_3.keras"
+    return kf / "weights/model_2.weights.h5", kf / "weights/model_3.weights.h5"
 
 
 def add_hazard(h5: h5py.File, kind: str, fifo: Path) -> str:
@@ -89,12 +88,7 @@ def hazardous_copy(kind, fmt, kf, samples, tmp_path) -> tuple[list[Path], Path, 
     """Two inputs of format `fmt`, the newest carrying the hazard; returns (inputs, bad, object)."""
     fifo = tmp_path / "outside"
     os.mkfifo(fifo)
-    if fmt == "h5":
-        older, newest = samples[-2], samples[-1]
-    elif fmt == "weights.h5":
-        older, newest = kf / "weights/model_2.weights.h5", kf / "weights/model_3.weights.h5"
-    else:
-        older, newest = kf / "keras/model_2.keras", kf / "keras/model_3.keras"
+    older, newest = last_two(fmt, kf, samples)
     bad = tmp_path / newest.name
     if fmt == "keras":
         with zipfile.ZipFile(newest) as archive:
@@ -454,12 +448,7 @@ def zero_free_space_of_global_heap(path: Path) -> int:
 def test_a_global_heap_that_would_hang_libhdf5_is_refused(fmt, kf, samples, tmp_path):
     # libhdf5 loops forever (in C: not even Ctrl-C stops it) on a free-space object of size 0
     # in a global heap collection, where Keras keeps its string attributes.
-    if fmt == "h5":
-        older, newest = samples[-2], samples[-1]
-    elif fmt == "keras":
-        older, newest = kf / "keras/model_2.keras", kf / "keras/model_3.keras"
-    else:
-        older, newest = kf / "weights/model_2.weights.h5", kf / "weights/model_3.weights.h5"
+    older, newest = last_two(fmt, kf, samples)
     bad = tmp_path / newest.name
     if fmt == "keras":
         weights = tmp_path / "w.h5"
