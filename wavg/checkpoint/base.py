@@ -17,6 +17,7 @@ import numpy as np
 from wavg.checkpoint.hdf5 import (
     Tensor,
     check_global_heaps,
+    confirm_opaque_types,
     open_h5,
     read_hyperslab,
     read_raw,
@@ -71,10 +72,16 @@ class Checkpoint:
 
     def _load_tensors(self, base_offset: int, data_end: int) -> None:
         with self.weights_h5() as h5:
-            check_global_heaps(h5, self._weights_reader(), self.path, base_offset, data_end)
-            self.tensors = walk(
+            tensors = walk(
                 h5, self.path, lambda n: not self.layout.is_optimizer(n), base_offset, data_end
             )
+            extents = [(t.offset, t.offset + t.nbytes) for t in tensors.values() if t.offset]
+            sizeof_size = h5.id.get_create_plist().get_sizes()[1]
+            check_global_heaps(
+                extents, self._weights_reader(), sizeof_size, self.path, base_offset, data_end
+            )
+            confirm_opaque_types(h5, tensors)
+            self.tensors = tensors
 
     @contextlib.contextmanager
     def weights_h5(self) -> Iterator[h5py.File]:

@@ -15,7 +15,6 @@ that lies past the end of the file, and declared sizes that dwarf the stored byt
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -63,17 +62,17 @@ class Tensor:
         return self.size * self.storage.itemsize
 
 
-def numeric_dtype(dset: h5py.Dataset) -> np.dtype | None:
-    """The floating type to average `dset` in, or None when it is not a float weight."""
-    dtype = dset.dtype
+def numeric_dtype(dtype: np.dtype) -> np.dtype | None:
+    """The floating type to average a dataset of `dtype` in, or None when it is no float.
+
+    Keras stores bfloat16 as opaque 2-byte data (.weights.h5 adds an attribute
+    dtype=bfloat16, legacy .h5 does not); no other 2-byte opaque type appears in Keras
+    checkpoints, and `walk` demotes one whose attribute names another type.
+    """
     if dtype.kind == "f" and dtype.itemsize in (2, 4, 8):
         return dtype
     if dtype.kind == "V" and dtype.itemsize == 2 and dtype.fields is None:
-        # Keras stores bfloat16 as opaque 2-byte data; .weights.h5 adds attrs dtype=bfloat16,
-        # legacy .h5 does not. No other 2-byte opaque type appears in Keras checkpoints.
-        marker = dset.attrs.get("dtype")
-        if marker is None or _text(marker) == "bfloat16":
-            return BFLOAT16
+        return BFLOAT16
     return None
 
 
@@ -101,34 +100,37 @@ def walk(
     # bombs each under the floor must not add up to gigabytes of fill values.
     expanded = [0, 0]
 
-    def visit(group: h5py.Group, prefix: str) -> None:
-        for key in group:
-            name = f"{prefix}{key}"
-            link = group.get(key, getlink=True)
-            if isinstance(link, h5py.ExternalLink):
-                raise UnsafeCheckpoint(path, f"{name} is an external link to {link.filename}")
-            if not isinstance(link, h5py.HardLink):
+    # h5py's low-level API: the high-level objects cost ~50 us each, which dominates a
+    # model of many small tensors.
+    def visit(group: h5py.h5g.GroupID, prefix: str) -> None:
+        for key in list(group):
+            name = f"{prefix}{key.decode('utf-8', 'replace')}"
+            kind = group.links.get_info(key).type
+            if kind == h5py.h5l.TYPE_EXTERNAL:
+                target = group.links.get_val(key)[0].decode("utf-8", "replace")
+                raise UnsafeCheckpoint(path, f"{name} is an external link to {target}")
+            if kind != h5py.h5l.TYPE_HARD:
                 raise UnsafeCheckpoint(path, f"{name} is a soft link; checkpoints must be plain")
-            obj = group[key]
-            info = h5py.h5o.get_info(obj.id)
+            obj = h5py.h5o.open(group, key)
+            info = h5py.h5o.get_info(obj)
             ident = (info.fileno, info.addr)
             if ident in seen:
                 raise UnsafeCheckpoint(path, f"{name} links to an object seen before (a cycle)")
             seen.add(ident)
-            if isinstance(obj, h5py.Group):
+            if info.type == h5py.h5o.TYPE_GROUP:
                 visit(obj, f"{name}/")
-            elif isinstance(obj, h5py.Dataset):
-                tensor = _tensor(path, name, obj, is_averaged, base_offset, data_end)
+            elif info.type == h5py.h5o.TYPE_DATASET:
+                tensor, stored = _tensor(path, name, obj, is_averaged, base_offset, data_end)
                 tensors[name] = tensor
                 if tensor.offset is None:
                     expanded[0] += tensor.nbytes
-                    expanded[1] += obj.id.get_storage_size()
+                    expanded[1] += stored
             else:
                 raise UnsafeCheckpoint(path, f"{name} is a named datatype, not a tensor")
 
     try:
-        visit(h5, "")
-    except (OSError, RuntimeError, ValueError, KeyError) as exc:
+        visit(h5py.h5g.open(h5.id, b"/"), "")
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(path, f"damaged HDF5 structure ({_reason(exc)})") from None
     declared, stored = expanded
     if declared > EXPANSION_FLOOR_BYTES and declared > MAX_EXPANSION * stored:
@@ -146,8 +148,9 @@ SCAN_BLOCK = 1 << 20
 
 
 def check_global_heaps(
-    h5: h5py.File,
+    extents: list[tuple[int, int]],
     read_at: Callable[[int, int], bytes],
+    sizeof_size: int,
     path: str,
     base_offset: int,
     data_end: int,
@@ -157,21 +160,11 @@ def check_global_heaps(
     Variable-length strings (most attributes Keras writes) live in global heap collections
     ("GCOL" blocks). libhdf5 walks a collection's objects by their declared sizes; a free
     object of size 0 makes it loop forever in C, where no signal can stop it. The bytes
-    outside the contiguous datasets are scanned for collections, and each is walked here
-    the way libhdf5 would, first. `read_at(offset, size)` reads the HDF5 file's bytes at
-    `offset` (physical, `base_offset` included).
+    outside the contiguous datasets (`extents`, physical ``(start, end)`` pairs from
+    `walk`) are scanned for collections, and each is walked here the way libhdf5 would,
+    first. `read_at(offset, size)` reads the HDF5 file's bytes at `offset` (physical,
+    `base_offset` included); `sizeof_size` is the file's "size of lengths".
     """
-    sizeof_size = h5.id.get_create_plist().get_sizes()[1]
-    extents: list[tuple[int, int]] = []
-
-    def visit(name: str, obj: Any) -> None:
-        if isinstance(obj, h5py.Dataset):
-            raw = obj.id.get_offset()
-            if raw is not None:
-                extents.append((base_offset + raw, base_offset + raw + obj.id.get_storage_size()))
-
-    with contextlib.suppress(OSError, RuntimeError, ValueError, KeyError):
-        h5.visititems(visit)  # a damaged structure is reported by `walk`, naming the object
     gaps, position = [], base_offset
     for start, end in sorted(extents):
         if start > position:
@@ -225,27 +218,28 @@ def _check_collection(
 def _tensor(
     path: str,
     name: str,
-    dset: h5py.Dataset,
+    dset: h5py.h5d.DatasetID,
     is_averaged: Callable[[str], bool],
     base_offset: int,
     data_end: int,
-) -> Tensor:
-    if dset.is_virtual:
-        raise UnsafeCheckpoint(path, f"{name} is a virtual dataset (reads other files)")
-    if dset.external:
-        raise UnsafeCheckpoint(path, f"{name} keeps its data in external files")
-    if dset.shape is None:
-        shape: tuple[int, ...] = ()
-        declared = 0
-    else:
-        shape = tuple(int(n) for n in dset.shape)
-        declared = math.prod(shape) * dset.dtype.itemsize
-    dcpl = dset.id.get_create_plist()
-    stored = dset.id.get_storage_size()
+) -> tuple[Tensor, int]:
+    """Check one dataset and describe it; also returns its stored byte count."""
+    dcpl = dset.get_create_plist()
     layout = dcpl.get_layout()
+    if layout == h5py.h5d.VIRTUAL:
+        raise UnsafeCheckpoint(path, f"{name} is a virtual dataset (reads other files)")
+    if dcpl.get_external_count():
+        raise UnsafeCheckpoint(path, f"{name} keeps its data in external files")
+    type_id = dset.get_type()
+    storage = type_id.dtype
+    space = dset.get_space()
+    null = space.get_simple_extent_type() == h5py.h5s.NULL
+    shape: tuple[int, ...] = () if null else tuple(int(n) for n in space.shape)
+    declared = 0 if null else math.prod(shape) * storage.itemsize
+    stored = dset.get_storage_size()
     offset = None
     if layout == h5py.h5d.CONTIGUOUS and dcpl.get_nfilters() == 0 and declared > 0:
-        raw = dset.id.get_offset()
+        raw = dset.get_offset()
         if raw is None:
             raise CheckpointError(path, f"tensor {name} has no stored data")
         offset = base_offset + raw
@@ -257,12 +251,25 @@ def _tensor(
             f"tensor {name} declares {declared} bytes but stores only {stored}; "
             "refusing a decompression bomb",
         )
-    dtype = numeric_dtype(dset) if dset.shape is not None else None
+    dtype = None if null else numeric_dtype(storage)
     averaged = dtype is not None and is_averaged(name)
-    if averaged and dtype.kind == "f" and not any(map(dset.id.get_type().equal, IEEE_FLOATS)):
+    if averaged and dtype.kind == "f" and not any(map(type_id.equal, IEEE_FLOATS)):
         # numpy (and the raw reads) would take its bytes for IEEE; HDF5 would convert them.
         raise CheckpointError(path, f"tensor {name} is stored in a non-IEEE floating-point format")
-    return Tensor(name, shape, dtype or dset.dtype, dset.dtype, averaged, offset)
+    return Tensor(name, shape, dtype or storage, storage, averaged, offset), stored
+
+
+def confirm_opaque_types(h5: h5py.File, tensors: dict[str, Tensor]) -> None:
+    """Demote an opaque 2-byte tensor whose ``dtype`` attribute names something other than
+    bfloat16 to a copied tensor. Run after `check_global_heaps`: the attribute is a string
+    kept in a global heap, which libhdf5 must not parse before that check."""
+    for name, tensor in list(tensors.items()):
+        if tensor.averaged and tensor.dtype == BFLOAT16:
+            marker = h5[name].attrs.get("dtype")
+            if marker is not None and _text(marker) != "bfloat16":
+                tensors[name] = Tensor(
+                    name, tensor.shape, tensor.storage, tensor.storage, False, tensor.offset
+                )
 
 
 def _reason(exc: BaseException) -> str:
