@@ -324,3 +324,38 @@ def test_integer_weight_tensors_are_copied_from_the_newest_with_a_warning(tmp_pa
     assert np.array_equal(got["layers/q/vars/0"], np.full((4, 8), 2, np.int8))
     assert np.array_equal(got["layers/q/vars/1"], np.full(8, 1.0, np.float32))
     assert len(summary.warnings) == 1 and "layers/q/vars/0 (int8)" in summary.warnings[0]
+
+
+@pytest.mark.parametrize("fmt", ["h5", "keras"])
+def test_outside_the_averaged_tensors_the_output_is_the_newest_file_byte_for_byte(
+    runs, tmp_path, fmt
+):
+    import zipfile
+
+    from wavg.checkpoint import open_checkpoint
+
+    files = runs["conv_bn"].files[fmt]
+    out = tmp_path / f"avg.{fmt}"
+    wavg.combine(files, out, scheme="linear")
+    newest = open_checkpoint(str(files[-1]))
+    start, length = newest.weights_bytes()
+    extents = [
+        (t.offset - start, t.offset - start + t.nbytes)
+        for t in newest.tensors.values()
+        if t.averaged
+    ]
+    newest.close()
+    if fmt == "keras":
+        with zipfile.ZipFile(out) as archive:
+            got = archive.read("model.weights.h5")
+    else:
+        got = out.read_bytes()
+    want = files[-1].read_bytes()[start : start + length]
+    assert len(got) == len(want)
+    mask = np.ones(len(want), bool)
+    for first, last in extents:
+        mask[first:last] = False
+    assert np.array_equal(np.frombuffer(got, np.uint8)[mask], np.frombuffer(want, np.uint8)[mask])
+    assert not np.array_equal(
+        np.frombuffer(got, np.uint8)[~mask], np.frombuffer(want, np.uint8)[~mask]
+    )

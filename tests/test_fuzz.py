@@ -188,7 +188,10 @@ REGRESSIONS = {
 REGRESSIONS.update(
     {
         # A flipped bit made a string attribute's variable-length kind 9 (neither sequence
-        # nor string): libhdf5 crashed (SIGSEGV) reading it. Refused by skeleton._check_types.
+        # nor string): libhdf5 crashed (SIGSEGV) reading it. When the output's structure is
+        # rebuilt (--drop-optimizer) skeleton._check_types refuses it; here the newest file's
+        # bytes are copied as they are, libhdf5 never converts the attribute, and the run
+        # succeeds with the tensors averaged and the attribute as damaged as in the input.
         "vlen_kind_out_of_range": {
             "kind": "weights",
             "layer": "outer",
@@ -226,7 +229,7 @@ REGRESSIONS.update(
 EXPECTED_OUTCOME = {
     "attribute_name_not_utf8": "ok",
     "global_heap_endless_loop": "refused:UnsafeCheckpoint",
-    "vlen_kind_out_of_range": "refused:CheckpointError",
+    "vlen_kind_out_of_range": "ok",
     "non_ieee_float": "refused:CheckpointError",
     "zip_version_unsupported": "refused:CheckpointError",
 }

@@ -341,11 +341,11 @@ def _write_average(
     averager = BlockAverager(inputs, weights, block_items, allow_nonfinite)
 
     def keep(name: str) -> bool:
-        return not (drop_optimizer and layout.is_optimizer(name))
+        return not layout.is_optimizer(name)
 
     with atomic_output(out) as tmp:
         try:
-            writer = newest.make_writer(tmp, keep)
+            writer = newest.make_writer(tmp, keep if drop_optimizer else None)
         except OSError as exc:
             raise OutputError(out, f"cannot write ({_reason(exc)})") from None
         try:

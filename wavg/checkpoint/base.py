@@ -63,7 +63,9 @@ class Checkpoint:
     def _open_weights(self) -> h5py.File:
         raise NotImplementedError
 
-    def make_writer(self, tmp_path: str, keep: Callable[[str], bool]) -> Writer:
+    def make_writer(self, tmp_path: str, keep: Callable[[str], bool] | None) -> Writer:
+        """A writer for an output like this checkpoint; `keep(name)` filters its objects
+        (None keeps everything, which lets the writer copy this file's bytes as they are)."""
         raise NotImplementedError
 
     def _weights_reader(self) -> Callable[[int, int], bytes]:
@@ -93,6 +95,11 @@ class Checkpoint:
         finally:
             if not self.file.keep_open:
                 self._close_h5()
+
+    def weights_bytes(self) -> tuple[int, int] | None:
+        """``(start, length)`` of the HDF5 weights file inside this input when its bytes can
+        serve as the output's as they are (every averaged tensor is raw), else None."""
+        return None
 
     @property
     def raw_readable(self) -> bool:

@@ -16,7 +16,7 @@ from wavg.checkpoint.base import Checkpoint, Writer, as_bytes, open_hdf5_path, p
 from wavg.checkpoint.hdf5 import Tensor
 from wavg.checkpoint.inputfile import InputFile
 from wavg.checkpoint.layouts import hdf5_layout
-from wavg.checkpoint.skeleton import build_skeleton
+from wavg.checkpoint.skeleton import averaged_offsets, build_skeleton, copy_around_tensors
 from wavg.errors import CheckpointError
 
 
@@ -40,19 +40,37 @@ class H5Checkpoint(Checkpoint):
         self.file.check_unchanged()
         return h5
 
-    def make_writer(self, tmp_path: str, keep: Callable[[str], bool]) -> Writer:
+    def weights_bytes(self) -> tuple[int, int] | None:
+        return (0, self.file.size) if self.raw_readable else None
+
+    def make_writer(self, tmp_path: str, keep: Callable[[str], bool] | None) -> Writer:
         return H5Writer(self, tmp_path, keep)
 
 
 class H5Writer(Writer):
-    """Writes averaged blocks straight into the skeleton file with pwrite."""
+    """Writes averaged blocks with pwrite into a copy of the newest file's other bytes.
 
-    def __init__(self, template: Checkpoint, tmp_path: str, keep: Callable[[str], bool]) -> None:
+    Usually the output is the newest input byte for byte outside the averaged tensors, so
+    those bytes are copied (``copy_file_range``) and the tensors' ranges left as holes to
+    fill; when objects are dropped or a tensor is not raw, the HDF5 skeleton is rebuilt.
+    """
+
+    def __init__(
+        self, template: Checkpoint, tmp_path: str, keep: Callable[[str], bool] | None
+    ) -> None:
         self.path = tmp_path
-        with template.weights_h5() as src:
-            self.offsets = build_skeleton(src, tmp_path, template.tensors, keep, template.path)
+        source = template.weights_bytes() if keep is None else None
+        if source is None:
+            with template.weights_h5() as src:
+                self.offsets = build_skeleton(
+                    src, tmp_path, template.tensors, keep or _keep_all, template.path
+                )
+        else:
+            self.offsets = averaged_offsets(template)
         self.order = sorted(self.offsets, key=self.offsets.__getitem__)
         self._fd: int | None = os.open(tmp_path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+        if source is not None:
+            copy_around_tensors(template, self.offsets, self._fd)
 
     def write(self, tensor: Tensor, start: int, data: np.ndarray) -> None:
         assert self._fd is not None
@@ -68,3 +86,7 @@ class H5Writer(Writer):
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _keep_all(name: str) -> bool:
+    return True

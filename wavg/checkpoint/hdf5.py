@@ -165,12 +165,7 @@ def check_global_heaps(
     first. `read_at(offset, size)` reads the HDF5 file's bytes at `offset` (physical,
     `base_offset` included); `sizeof_size` is the file's "size of lengths".
     """
-    gaps, position = [], base_offset
-    for start, end in sorted(extents):
-        if start > position:
-            gaps.append((position, min(start, data_end)))
-        position = max(position, end)
-    gaps.append((position, data_end))
+    gaps = gaps_between(extents, base_offset, data_end)
     checked: set[int] = set()
     for gap_start, gap_end in gaps:
         position = gap_start
@@ -186,6 +181,18 @@ def check_global_heaps(
             if position + size >= gap_end:
                 break
             position += size - len(GCOL_SIGNATURE) + 1  # overlap: a signature across blocks
+
+
+def gaps_between(extents: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
+    """The ranges of ``start … end`` not covered by `extents` (``(start, end)`` pairs)."""
+    gaps, position = [], start
+    for first, last in sorted(extents):
+        if first > position:
+            gaps.append((position, min(first, end)))
+        position = max(position, last)
+    if position < end:
+        gaps.append((position, end))
+    return gaps
 
 
 def _check_collection(

@@ -25,7 +25,7 @@ from wavg.checkpoint.base import Checkpoint, Writer, as_bytes
 from wavg.checkpoint.hdf5 import Tensor, open_h5
 from wavg.checkpoint.inputfile import InputFile
 from wavg.checkpoint.layouts import KERAS_ARCHIVE
-from wavg.checkpoint.skeleton import build_skeleton
+from wavg.checkpoint.skeleton import averaged_offsets, build_skeleton
 from wavg.errors import CheckpointError, UnsafeCheckpoint
 
 WEIGHTS = "model.weights.h5"
@@ -157,7 +157,12 @@ class KerasCheckpoint(Checkpoint):
             except _ZIP_ERRORS as exc:
                 raise CheckpointError(self.path, f"damaged archive member {name} ({exc})") from None
 
-    def make_writer(self, tmp_path: str, keep: Callable[[str], bool]) -> Writer:
+    def weights_bytes(self) -> tuple[int, int] | None:
+        if self._data_start is None or not self.raw_readable:
+            return None
+        return self._data_start, self._weights_info.file_size
+
+    def make_writer(self, tmp_path: str, keep: Callable[[str], bool] | None) -> Writer:
         return KerasWriter(self, tmp_path, keep)
 
 
@@ -221,18 +226,27 @@ class KerasWriter(Writer):
     """Streams a new archive: the newest input's other members, then the averaged weights."""
 
     def __init__(
-        self, template: KerasCheckpoint, tmp_path: str, keep: Callable[[str], bool]
+        self, template: KerasCheckpoint, tmp_path: str, keep: Callable[[str], bool] | None
     ) -> None:
         self._skeleton_path = f"{tmp_path}-weights.h5"
         self._skeleton_fd: int | None = None
         self._archive: zipfile.ZipFile | None = None
-        with template.weights_h5() as src:
-            self.offsets = build_skeleton(
-                src, self._skeleton_path, template.tensors, keep, template.path
-            )
+        source = template.weights_bytes() if keep is None else None
+        if source is None:
+            with template.weights_h5() as src:
+                self.offsets = build_skeleton(
+                    src, self._skeleton_path, template.tensors, keep or _keep_all, template.path
+                )
+            self._skeleton_fd = os.open(self._skeleton_path, os.O_RDONLY)
+            self._skeleton_size = os.fstat(self._skeleton_fd).st_size
+            fd = self._skeleton_fd
+            self._read_skeleton = lambda at, n: os.pread(fd, n, at)
+        else:
+            # The newest input's weights member, byte for byte outside the averaged tensors.
+            self.offsets = averaged_offsets(template)
+            start, self._skeleton_size = source
+            self._read_skeleton = lambda at, n: template.file.read_at(start + at, n)
         self.order = sorted(self.offsets, key=self.offsets.__getitem__)
-        self._skeleton_fd = os.open(self._skeleton_path, os.O_RDONLY)
-        self._skeleton_size = os.fstat(self._skeleton_fd).st_size
         self._out = open(tmp_path, "wb")  # noqa: SIM115 - closed in finish()/close()
         self._archive = zipfile.ZipFile(self._out, "w", allowZip64=True)
         for name, info in template.members.items():
@@ -251,9 +265,9 @@ class KerasWriter(Writer):
         self._pos = offset + len(payload)
 
     def _copy_skeleton(self, until: int) -> None:
-        assert self._skeleton_fd is not None and until >= self._pos
+        assert until >= self._pos
         while self._pos < until:
-            chunk = os.pread(self._skeleton_fd, min(COPY_BLOCK, until - self._pos), self._pos)
+            chunk = self._read_skeleton(self._pos, min(COPY_BLOCK, until - self._pos))
             if not chunk:  # past the skeleton's end: unwritten space reads as zeros
                 chunk = bytes(min(COPY_BLOCK, until - self._pos))
             self._stream.write(chunk)
@@ -293,3 +307,7 @@ def _copy_info(info: zipfile.ZipInfo) -> zipfile.ZipInfo:
     new.compress_type = info.compress_type
     new.external_attr = info.external_attr
     return new
+
+
+def _keep_all(name: str) -> bool:
+    return True

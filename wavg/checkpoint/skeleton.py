@@ -15,7 +15,7 @@ from collections.abc import Callable
 import h5py
 import numpy as np
 
-from wavg.checkpoint.hdf5 import Tensor
+from wavg.checkpoint.hdf5 import Tensor, gaps_between
 from wavg.errors import CheckpointError
 
 
@@ -153,3 +153,35 @@ def _copy_attrs(src: h5py.HLObject, dst: h5py.HLObject) -> None:
             else:
                 attr.read(buf, mtype=ftype)
                 new.write(buf, mtype=ftype)
+
+
+def averaged_offsets(template) -> dict[str, int]:
+    """Where each averaged tensor lies in the template's own HDF5 bytes (see `weights_bytes`)."""
+    start, _ = template.weights_bytes()
+    return {n: t.offset - start for n, t in template.tensors.items() if t.averaged and t.size}
+
+
+def copy_around_tensors(template, offsets: dict[str, int], dst_fd: int) -> None:
+    """Give `dst_fd` the template's HDF5 bytes except the averaged tensors' (left as holes).
+
+    The copy stays in the kernel (``copy_file_range``) where the platform has it.
+    """
+    start, length = template.weights_bytes()
+    tensors = template.tensors
+    extents = [(off, off + tensors[name].nbytes) for name, off in offsets.items()]
+    os.ftruncate(dst_fd, length)
+    with template.file.fd() as src_fd:
+        for first, last in gaps_between(extents, 0, length):
+            _copy_range(src_fd, start + first, dst_fd, first, last - first, template.path)
+
+
+def _copy_range(src_fd: int, src_at: int, dst_fd: int, dst_at: int, count: int, path: str) -> None:
+    while count > 0:
+        try:
+            done = os.copy_file_range(src_fd, dst_fd, count, src_at, dst_at)
+        except (AttributeError, OSError):
+            data = os.pread(src_fd, min(count, 1 << 20), src_at)
+            done = os.pwrite(dst_fd, data, dst_at) if data else 0
+        if done <= 0:
+            raise CheckpointError(path, "truncated while copying")
+        src_at, dst_at, count = src_at + done, dst_at + done, count - done
