@@ -118,11 +118,7 @@ def runs(tmp_path_factory, keras_module) -> dict[str, Run]:
         formats = ("keras", "weights.h5") if name == "subclassed" else FORMATS
         for epoch in range(3):
             model.fit(x, y, epochs=2, batch_size=4, verbose=0)
-            for fmt in formats:
-                path = directory / f"{name}_{epoch}.{fmt}"
-                model.save_weights(path) if fmt == "weights.h5" else model.save(path)
-                run.files.setdefault(fmt, []).append(path)
-            run.weights.append([np.array(w) for w in model.get_weights()])
+            save_checkpoint(run, directory / f"{name}_{epoch}", formats)
         out[name] = run
     return out
 
@@ -147,13 +143,18 @@ def dtype_runs(tmp_path_factory, keras_module) -> dict[str, Run]:
             model.set_weights(
                 [rng.standard_normal(w.shape).astype(w.dtype) for w in model.get_weights()]
             )
-            for fmt in FORMATS:
-                path = directory / f"m_{epoch}.{fmt}"
-                model.save_weights(path) if fmt == "weights.h5" else model.save(path)
-                run.files.setdefault(fmt, []).append(path)
-            run.weights.append([np.array(w) for w in model.get_weights()])
+            save_checkpoint(run, directory / f"m_{epoch}", FORMATS)
         out[dtype] = run
     return out
+
+
+def save_checkpoint(run: Run, stem: Path, formats: tuple[str, ...]) -> None:
+    """Save `run.model` as `stem.<fmt>` in each format and record its weights."""
+    for fmt in formats:
+        path = stem.with_name(f"{stem.name}.{fmt}")
+        run.model.save_weights(path) if fmt == "weights.h5" else run.model.save(path)
+        run.files.setdefault(fmt, []).append(path)
+    run.weights.append([np.array(w) for w in run.model.get_weights()])
 
 
 def reference_average(weights: list[list[np.ndarray]], w: np.ndarray) -> list[np.ndarray]:
