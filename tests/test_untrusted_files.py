@@ -13,6 +13,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -244,26 +245,40 @@ def test_a_deflated_model_weights_member_is_still_averaged_correctly(kf, tmp_pat
 # resource bombs
 
 
+# Peak memory is the child's own VmHWM, read by the child as it exits: ru_maxrss (wait4)
+# would include this test process's memory, which Linux folds into a child's at exec.
+_MEASURED_WAVG = """
+import atexit, sys
+
+def report(path=sys.argv[1]):
+    with open("/proc/self/status") as status:
+        peak = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
+    with open(path, "w") as out:
+        out.write(peak)
+
+atexit.register(report)
+from wavg.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 def run_measured(args: list, timeout: float = 60) -> tuple[hs.Result, float, int]:
     """Run the CLI in a subprocess; return its result, wall seconds and peak RSS in MB."""
-    started = time.perf_counter()
-    proc = subprocess.Popen(
-        [*hs.WAVG, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    while True:  # wait4 on this very child: its own peak RSS, not the session's
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        if time.perf_counter() - started > timeout:
-            proc.kill()
-            proc.wait()
-            raise AssertionError(f"wavg still running after {timeout} s")
-        time.sleep(0.02)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    result = hs.Result(proc.returncode, proc.stdout.read(), proc.stderr.read())
-    proc.stdout.close()
-    proc.stderr.close()
-    return result, time.perf_counter() - started, usage.ru_maxrss // 1024
+    with tempfile.NamedTemporaryFile("r") as peak:
+        started = time.perf_counter()
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-c", _MEASURED_WAVG, peak.name, *map(str, args)],
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"wavg still running after {timeout} s") from None
+        seconds = time.perf_counter() - started
+        peak_kb = int(peak.read() or 0)
+    result = hs.Result(proc.returncode, proc.stdout, proc.stderr)
+    return result, seconds, peak_kb // 1024
 
 
 def first_group(h5: h5py.File) -> h5py.Group:

@@ -82,9 +82,12 @@ class InputFile:
             os.close(fd)
 
     def _reopen(self) -> int:
-        if not os.path.lexists(self.path):  # it was there when first opened
-            raise InputChanged(self.path, "disappeared while it was being read")
-        fd = self._open()
+        try:
+            fd = self._open()
+        except CheckpointError:
+            if not os.path.lexists(self.path):  # it was there when first opened
+                raise InputChanged(self.path, "disappeared while it was being read") from None
+            raise
         if _identity(os.fstat(fd)) != self.identity:
             os.close(fd)
             raise InputChanged(self.path, "changed while it was being read")
