@@ -53,7 +53,7 @@ class CombinePlan:
     weights: list[float]
     scheme: str
     alpha: float | None
-    raw_weights: list[float] = field(default_factory=list)  # unnormalised, what is summed
+    raw_weights: list[float]  # unnormalised, as summed (1 for equal, 1..n for linear)
 
 
 @dataclass
@@ -210,7 +210,7 @@ def run_plan(
         if not dry_run:
             _write_average(
                 inputs,
-                plan.raw_weights or plan.weights,
+                plan.raw_weights,
                 out_path,
                 summary,
                 allow_nonfinite,
