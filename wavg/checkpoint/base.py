@@ -77,7 +77,9 @@ class Checkpoint:
             tensors = walk(
                 h5, self.path, lambda n: not self.layout.is_optimizer(n), base_offset, data_end
             )
-            extents = [(t.offset, t.offset + t.nbytes) for t in tensors.values() if t.offset]
+            extents = [
+                (t.offset, t.offset + t.nbytes) for t in tensors.values() if t.offset is not None
+            ]
             sizeof_size = h5.id.get_create_plist().get_sizes()[1]
             check_global_heaps(
                 extents, self._weights_reader(), sizeof_size, self.path, base_offset, data_end

@@ -1,7 +1,7 @@
 """Stand-alone HDF5 checkpoints: legacy ``.h5`` models and weights, Keras 3 ``.weights.h5``.
 
-The output is the newest input's HDF5 file rebuilt as a skeleton at the temporary path,
-whose averaged tensors are then filled in place with ``pwrite``.
+The output is the newest input's bytes (or, with objects dropped, its HDF5 structure rebuilt)
+at the temporary path, whose averaged tensors are then filled in place with ``pwrite``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from wavg.checkpoint.base import Checkpoint, Writer, as_bytes, open_hdf5_path, p
 from wavg.checkpoint.hdf5 import Tensor
 from wavg.checkpoint.inputfile import InputFile
 from wavg.checkpoint.layouts import hdf5_layout
-from wavg.checkpoint.skeleton import averaged_offsets, build_skeleton, copy_around_tensors
+from wavg.checkpoint.skeleton import copy_around_tensors, lay_out_output
 from wavg.errors import CheckpointError
 
 
@@ -59,17 +59,10 @@ class H5Writer(Writer):
         self, template: Checkpoint, tmp_path: str, keep: Callable[[str], bool] | None
     ) -> None:
         self.path = tmp_path
-        source = template.weights_bytes() if keep is None else None
-        if source is None:
-            with template.weights_h5() as src:
-                self.offsets = build_skeleton(
-                    src, tmp_path, template.tensors, keep or _keep_all, template.path
-                )
-        else:
-            self.offsets = averaged_offsets(template)
+        self.offsets, copied = lay_out_output(template, tmp_path, keep)
         self.order = sorted(self.offsets, key=self.offsets.__getitem__)
         self._fd: int | None = os.open(tmp_path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
-        if source is not None:
+        if copied:
             copy_around_tensors(template, self.offsets, self._fd)
 
     def write(self, tensor: Tensor, start: int, data: np.ndarray) -> None:
@@ -86,7 +79,3 @@ class H5Writer(Writer):
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-
-
-def _keep_all(name: str) -> bool:
-    return True

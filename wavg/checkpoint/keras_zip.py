@@ -25,7 +25,7 @@ from wavg.checkpoint.base import Checkpoint, Writer, as_bytes
 from wavg.checkpoint.hdf5 import Tensor, open_h5
 from wavg.checkpoint.inputfile import InputFile
 from wavg.checkpoint.layouts import KERAS_ARCHIVE
-from wavg.checkpoint.skeleton import averaged_offsets, build_skeleton
+from wavg.checkpoint.skeleton import lay_out_output
 from wavg.errors import CheckpointError, UnsafeCheckpoint
 
 WEIGHTS = "model.weights.h5"
@@ -231,21 +231,15 @@ class KerasWriter(Writer):
         self._skeleton_path = f"{tmp_path}-weights.h5"
         self._skeleton_fd: int | None = None
         self._archive: zipfile.ZipFile | None = None
-        source = template.weights_bytes() if keep is None else None
-        if source is None:
-            with template.weights_h5() as src:
-                self.offsets = build_skeleton(
-                    src, self._skeleton_path, template.tensors, keep or _keep_all, template.path
-                )
-            self._skeleton_fd = os.open(self._skeleton_path, os.O_RDONLY)
-            self._skeleton_size = os.fstat(self._skeleton_fd).st_size
-            fd = self._skeleton_fd
-            self._read_skeleton = lambda at, n: os.pread(fd, n, at)
-        else:
+        self.offsets, copied = lay_out_output(template, self._skeleton_path, keep)
+        if copied:
             # The newest input's weights member, byte for byte outside the averaged tensors.
-            self.offsets = averaged_offsets(template)
-            start, self._skeleton_size = source
+            start, self._skeleton_size = template.weights_bytes()
             self._read_skeleton = lambda at, n: template.file.read_at(start + at, n)
+        else:
+            self._skeleton_fd = fd = os.open(self._skeleton_path, os.O_RDONLY)
+            self._skeleton_size = os.fstat(fd).st_size
+            self._read_skeleton = lambda at, n: os.pread(fd, n, at)
         self.order = sorted(self.offsets, key=self.offsets.__getitem__)
         self._out = open(tmp_path, "wb")  # noqa: SIM115 - closed in finish()/close()
         self._archive = zipfile.ZipFile(self._out, "w", allowZip64=True)
@@ -307,7 +301,3 @@ def _copy_info(info: zipfile.ZipInfo) -> zipfile.ZipInfo:
     new.compress_type = info.compress_type
     new.external_attr = info.external_attr
     return new
-
-
-def _keep_all(name: str) -> bool:
-    return True

@@ -3,7 +3,9 @@
 The skeleton is a copy of the newest checkpoint's HDF5 file (groups, attributes, every
 tensor that is copied rather than averaged) in which each averaged tensor is an allocated
 but unwritten contiguous dataset. Its bytes are then filled in one pass, in file order, so
-the output is written once and sequentially whatever the format around it.
+the output is written once and sequentially whatever the format around it. It is needed only
+when the output differs in structure from the newest input (--drop-optimizer) or a tensor
+cannot be read raw; otherwise the newest input's own bytes serve (`lay_out_output`).
 """
 
 from __future__ import annotations
@@ -155,10 +157,26 @@ def _copy_attrs(src: h5py.HLObject, dst: h5py.HLObject) -> None:
                 new.write(buf, mtype=ftype)
 
 
-def averaged_offsets(template) -> dict[str, int]:
-    """Where each averaged tensor lies in the template's own HDF5 bytes (see `weights_bytes`)."""
-    start, _ = template.weights_bytes()
-    return {n: t.offset - start for n, t in template.tensors.items() if t.averaged and t.size}
+def lay_out_output(
+    template, skeleton_path: str, keep: Callable[[str], bool] | None
+) -> tuple[dict[str, int], bool]:
+    """Decide where the output's HDF5 bytes come from; return the averaged tensors' offsets
+    in them and whether they are the template's own bytes.
+
+    With nothing dropped (`keep` None) and every averaged tensor raw, the output is the
+    template's weights file byte for byte outside those tensors (see `weights_bytes`);
+    otherwise its structure is rebuilt at `skeleton_path`.
+    """
+    source = template.weights_bytes() if keep is None else None
+    if source is None:
+        with template.weights_h5() as src:
+            offsets = build_skeleton(
+                src, skeleton_path, template.tensors, keep or (lambda name: True), template.path
+            )
+        return offsets, False
+    start, _ = source
+    offsets = {n: t.offset - start for n, t in template.tensors.items() if t.averaged and t.size}
+    return offsets, True
 
 
 def copy_around_tensors(template, offsets: dict[str, int], dst_fd: int) -> None:
