@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wavg.atomic import atomic_output, check_output_dir
+from wavg.atomic import check_output_dir
 from wavg.checkpoint import Checkpoint, Tensor, iter_blocks, open_checkpoint
 from wavg.errors import (
     CheckpointError,
@@ -343,12 +343,8 @@ def _write_average(
     def keep(name: str) -> bool:
         return not layout.is_optimizer(name)
 
-    with atomic_output(out) as tmp:
-        try:
-            writer = newest.make_writer(tmp, keep if drop_optimizer else None)
-        except OSError as exc:
-            raise OutputError(out, f"cannot write ({_reason(exc)})") from None
-        try:
+    try:
+        with newest.output(out, keep if drop_optimizer else None) as writer:
             tensors = [newest.tensors[name] for name in writer.order]
             total = sum(t.nbytes for t in tensors) * len(averager.members)
             done = 0
@@ -361,10 +357,8 @@ def _write_average(
             for ckpt in inputs:
                 ckpt.file.check_unchanged()
             summary.bytes_written = writer.finish()
-        except OSError as exc:
-            raise OutputError(out, f"cannot write ({_reason(exc)})") from None
-        finally:
-            writer.close()
+    except OSError as exc:
+        raise OutputError(out, f"cannot write ({_reason(exc)})") from None
 
 
 class BlockAverager:

@@ -10,10 +10,12 @@ import contextlib
 import os
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import h5py
 import numpy as np
 
+from wavg.atomic import atomic_output
 from wavg.checkpoint.hdf5 import (
     Tensor,
     check_global_heaps,
@@ -67,6 +69,25 @@ class Checkpoint:
         """A writer for an output like this checkpoint; `keep(name)` filters its objects
         (None keeps everything, which lets the writer copy this file's bytes as they are)."""
         raise NotImplementedError
+
+    @contextlib.contextmanager
+    def output(self, out: Path, keep: Callable[[str], bool] | None) -> Iterator[Writer]:
+        """A writer for a new output at `out` in this checkpoint's format, committed on exit.
+
+        The commit is the format's business, because only the format knows what "one
+        output" is: a single file here (temp file, fsync, rename, fsync of the directory);
+        an index and its shards, or a folder, elsewhere. The contract for every format:
+        when the block exits normally, after `Writer.finish`, `out` is the complete new
+        output; when it raises, `out` is exactly what it was before and no temporary file
+        is left behind (a killed run's leftovers are removed by the next run for `out`).
+        `OSError` from creating the writer propagates; the caller names the output.
+        """
+        with atomic_output(out) as tmp:
+            writer = self.make_writer(tmp, keep)
+            try:
+                yield writer
+            finally:
+                writer.close()
 
     def _weights_reader(self) -> Callable[[int, int], bytes]:
         """Reads bytes of the HDF5 weights file at physical offsets (see `_load_tensors`)."""
