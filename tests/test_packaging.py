@@ -78,12 +78,12 @@ def _user_env(tmp: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def test_the_core_install_holds_no_deep_learning_framework(core_venv):
+def test_the_core_install_holds_no_deep_learning_framework(core_venv, tmp_path):
     script = f"import importlib.util as u; print([m for m in {FRAMEWORKS!r} if u.find_spec(m)])"
-    done = _run(core_venv / "python", "-c", script)
+    done = _run(core_venv / "python", "-c", script, env=_user_env(tmp_path), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
-    done = _run(core_venv / "python", "-c", "import wavg, sys; print(wavg.__file__)")
+    done = _run(core_venv / "python", "-c", "import wavg; print(wavg.__file__)", cwd=tmp_path)
     assert "site-packages" in done.stdout, "the venv must run the installed wheel"
 
 
@@ -129,9 +129,9 @@ def test_evaluate_without_the_keras_extra_fails_in_one_line(core_venv, tmp_path)
 
 
 def test_help_and_version_work_without_any_extra(core_venv, tmp_path):
-    done = _run(core_venv / "wavg", "--help", env=_user_env(tmp_path))
+    done = _run(core_venv / "wavg", "--help", env=_user_env(tmp_path), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     for name in cli.commands:
         assert name in done.stdout
-    done = _run(core_venv / "wavg", "--version", env=_user_env(tmp_path))
+    done = _run(core_venv / "wavg", "--version", env=_user_env(tmp_path), cwd=tmp_path)
     assert done.returncode == 0 and "version" in done.stdout, done.stderr
