@@ -160,3 +160,12 @@ def test_keras_side_commands_run_quietly_on_the_backend_keras_backend_selects(tm
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout)["columns"] == ["single", "equal", "linear", "exp"]
     assert done.stderr.splitlines() == [backend]
+
+
+def test_importing_the_callback_without_keras_names_the_pip_install(
+    monkeypatch, tensorflow_backend
+):
+    monkeypatch.setitem(sys.modules, "keras", None)
+    monkeypatch.delitem(sys.modules, "wavg.keras", raising=False)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'wavg\[keras\]'"):
+        import wavg.keras  # noqa: F401
