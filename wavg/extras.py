@@ -3,6 +3,11 @@
 A plain ``pip install wavg`` brings only what `wavg combine` needs on local files; the Keras-side
 commands, remote storage and Orbax need an extra. This module only asks importlib where a
 module would be found: it never imports an optional dependency itself.
+
+A CLI command declares its extra with `wavg.cli.needs_extra`. Library code that needs one
+only for some inputs (say an ``s3://`` URL given to `combine`) calls
+``require("s3", "reading s3://bucket/run/")`` before it touches them, or wraps the lazy import
+in ``with missing_reported("s3", ...)``; both raise `MissingExtra` (exit 2, one line).
 """
 
 from __future__ import annotations
