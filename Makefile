@@ -16,10 +16,10 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # The whole suite on Keras' default backend (TensorFlow), then the tests marked `backend`
-# (the Keras-side commands) again on JAX's CPU backend.
+# (the Keras-side commands) again on JAX's CPU backend (JAX_PLATFORMS=cpu: no GPU probing).
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
-	KERAS_BACKEND=jax $(BIN)/python -m pytest -q -m backend
+	KERAS_BACKEND=jax JAX_PLATFORMS=cpu $(BIN)/python -m pytest -q -m backend
 
 lint: $(STAMP)
 	$(BIN)/ruff check wavg tests bench scripts
