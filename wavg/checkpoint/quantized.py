@@ -169,7 +169,7 @@ def _with_block_size(ckpt: Checkpoint, layer: QuantizedLayer, found: Geometry) -
     size = layer.block_size if layer.block_size and layer.block_size > 0 else None
     groups = layer.scale.shape[0] if found.axis == 0 else layer.scale.shape[1]  # type: ignore[union-attr]
     if size is None and layer.g_idx is not None and groups > 1:
-        values = _read_all(ckpt, layer.g_idx)
+        values = read_all(ckpt, layer.g_idx)
         size = int(np.count_nonzero(values == 0))
         expected = np.floor_divide(np.arange(values.size, dtype=np.float32), size)
         if size < 1 or not np.array_equal(values, expected):
@@ -191,7 +191,8 @@ def _with_block_size(ckpt: Checkpoint, layer: QuantizedLayer, found: Geometry) -
     return Geometry(found.mode, found.rows, found.cols, found.axis, size)
 
 
-def _read_all(ckpt: Checkpoint, tensor: Tensor) -> np.ndarray:
+def read_all(ckpt: Checkpoint, tensor: Tensor) -> np.ndarray:
+    """A small tensor's values, whole (scales, zero points, g_idx)."""
     scratch = np.empty(max(tensor.nbytes, 1), np.uint8)
     return ckpt.read(tensor, 0, tensor.size, (), scratch).copy()
 
@@ -409,9 +410,7 @@ def _class_from_names(group: str, tensors: list[Tensor]) -> str | None:
     parts = group.split("/")
     if len(parts) >= 2 and parts[-1] == "vars":
         base = re.sub(r"_\d+$", "", parts[-2])
-        return {"dense": "Dense", "embedding": "Embedding", "einsum_dense": "EinsumDense"}.get(
-            base
-        )
+        return {"dense": "Dense", "embedding": "Embedding", "einsum_dense": "EinsumDense"}.get(base)
     return None
 
 
@@ -428,7 +427,9 @@ def _config_layers(ckpt: Checkpoint) -> dict[str, dict[str, Any]]:
     if isinstance(config.get("model_config"), dict):
         config = config["model_config"]
     found: dict[str, dict[str, Any]] = {}
-    layers = config.get("config", {}).get("layers") if isinstance(config.get("config"), dict) else None
+    layers = (
+        config.get("config", {}).get("layers") if isinstance(config.get("config"), dict) else None
+    )
     counters: dict[str, int] = {}
     for layer in layers if isinstance(layers, list) else []:
         if not isinstance(layer, dict) or not isinstance(layer.get("config"), dict):

@@ -1,0 +1,262 @@
+"""Quantized checkpoints (Keras' model.quantize): refused by default, requantized on request.
+
+Every file here is written by Keras 3 itself. The requantize tests check the issue's contract
+directly: wavg's output must be byte for byte what Keras writes when it quantizes, with the
+same mode, a float model whose kernels are the average of the inputs' dequantized kernels.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from tests.kerasfiles import assert_one_line_error, run_wavg, scratch_dir
+
+keras = pytest.importorskip("keras")
+
+SUFFIX = {"keras": ".keras", "weights.h5": ".weights.h5", "h5": ".h5"}
+HINT = "model.quantize"
+
+
+def _config(mode: str):
+    """(mode, config) for model.quantize: "int4/4" is int4 in groups of 4, "int4/-1" per channel."""
+    if "/" in mode:
+        return "int4", keras.quantizers.Int4QuantizationConfig(block_size=int(mode.split("/")[1]))
+    return mode, None
+
+
+def _float_model(seed: int = 0, only_dense: bool = False):
+    """Embedding -> EinsumDense -> Dense, named so legacy .h5 groups match across models."""
+    inputs = keras.Input((6,), dtype="int32")
+    x = keras.layers.Embedding(20, 8, name="emb")(inputs)
+    x = keras.layers.EinsumDense("abc,cd->abd", (6, 5), bias_axes="d", name="ein")(x)
+    x = keras.layers.Flatten(name="flat")(x)
+    x = keras.layers.Dense(3, name="out")(x)
+    model = keras.Model(inputs, x)
+    rng = np.random.default_rng(seed)
+    model.set_weights([w + rng.normal(0, 0.05, w.shape).astype(w.dtype) for w in model.get_weights()])
+    return model
+
+
+def _quantize(model, mode: str, filters=None):
+    name, config = _config(mode)
+    if config is None:
+        model.quantize(name, filters=filters)
+    else:
+        model.quantize(config=config, filters=filters)
+    return model
+
+
+def _save(model, path: Path, fmt: str) -> Path:
+    if fmt == "weights.h5":
+        model.save_weights(path)
+    else:
+        model.save(path)
+    return path
+
+
+def _checkpoints(mode: str, fmt: str, count: int = 3, filters=None) -> tuple[list[Path], list]:
+    out = scratch_dir(f"wavg-q-{mode.replace('/', '_')}-{fmt}-")
+    models, paths = [], []
+    base = _float_model(0)
+    for i in range(count):
+        model = _float_model(0)
+        rng = np.random.default_rng(100 + i)
+        model.set_weights(
+            [w + rng.normal(0, 0.01, w.shape).astype(w.dtype) for w in base.get_weights()]
+        )
+        _quantize(model, mode, filters)
+        paths.append(_save(model, out / f"q_{i}{SUFFIX[fmt]}", fmt))
+        models.append(model)
+    return paths, models
+
+
+# ---------------------------------------------------------------------------------------------
+# the reference: Keras quantizing the dequantized average
+
+
+def _unpack(q, cols):
+    return np.asarray(keras.quantizers.unpack_int4(q, cols, axis=-1))
+
+
+def _dequantized(layer) -> np.ndarray:
+    """The float kernel a quantized layer stands for, in float64, from Keras' own variables."""
+    mode = layer.quantization_mode
+    embedding = isinstance(layer, keras.layers.Embedding)
+    q = np.asarray(layer._embeddings if embedding else layer._kernel)
+    scale = np.asarray(layer.embeddings_scale if embedding else layer.kernel_scale, np.float64)
+    zero = getattr(layer, "embeddings_zero" if embedding else "kernel_zero", None)
+    if mode == "int4":
+        q = _unpack(q, layer.output_dim if embedding else scale.shape[-1])
+    q = q.astype(np.float64)
+    if zero is None:
+        if embedding:
+            return q / scale.reshape(-1)[:, None]
+        return q / scale.reshape(1, -1)
+    zero = np.asarray(zero, np.float64)
+    if embedding:
+        groups = np.asarray(layer.g_idx, np.int64)
+        return (q - zero[:, groups]) * scale[:, groups]
+    groups = np.asarray(layer.g_idx, np.int64)
+    return (q - zero[groups, :]) * scale[groups, :]
+
+
+def _reference(models: list, mode: str, fmt: str, path: Path, filters=None) -> Path:
+    """Keras' quantization of the float model holding the average of the inputs' dequantized
+    kernels (float64 sum in input order, divided once, rounded to float32), saved as `fmt`."""
+    ref = _float_model(0)
+    for layer in ref.layers:
+        if not layer.weights:
+            continue
+        parts = [m.get_layer(layer.name) for m in models]
+        if parts[0].quantization_mode is None:
+            values = [[np.asarray(v, np.float64) for v in p.weights] for p in parts]
+            layer.set_weights([(sum(vs) / len(vs)).astype(np.float32) for vs in zip(*values)])
+            continue
+        acc = np.zeros_like(_dequantized(parts[0]))
+        for part in parts:
+            acc += _dequantized(part)
+        kernel = (acc / len(parts)).astype(np.float32)
+        target = layer.embeddings if isinstance(layer, keras.layers.Embedding) else layer.kernel
+        target.assign(kernel.reshape(target.shape))
+        if getattr(layer, "bias", None) is not None:
+            biases = [np.asarray(p.bias, np.float64) for p in parts]
+            layer.bias.assign((sum(biases) / len(biases)).astype(np.float32))
+    _quantize(ref, mode, filters)
+    return _save(ref, path, fmt)
+
+
+def _weights(path: Path) -> dict[str, bytes]:
+    """Every dataset of the file's weights, as raw bytes with dtype and shape."""
+    if path.suffix == ".keras":
+        with zipfile.ZipFile(path) as archive:
+            source = io.BytesIO(archive.read("model.weights.h5"))
+    else:
+        source = path
+    found = {}
+    with h5py.File(source, "r") as h5:
+
+        def visit(name, obj):
+            if isinstance(obj, h5py.Dataset):
+                data = obj[()]
+                found[name] = (str(data.dtype), data.shape, np.asarray(data).tobytes())
+
+        h5.visititems(visit)
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# refusal
+
+
+@pytest.mark.parametrize(
+    ("mode", "fmt"),
+    [("int8", "keras"), ("int8", "weights.h5"), ("int8", "h5"), ("int4", "keras"), ("float8", "weights.h5")],
+)
+def test_quantized_checkpoints_are_refused_by_default_and_nothing_is_written(mode, fmt):
+    paths, _ = _checkpoints(mode, fmt, count=2)
+    out = paths[0].parent / f"avg{SUFFIX[fmt]}"
+    code, stdout, stderr = run_wavg("combine", *paths, "-o", out)
+    assert_one_line_error(code, stderr, str(paths[0]), "quantized", HINT, "wavg combine")
+    assert not out.exists()
+    assert sorted(p.name for p in paths[0].parent.iterdir()) == sorted(p.name for p in paths)
+
+
+def test_float8_and_calibrated_modes_are_refused_even_with_requantize():
+    paths, _ = _checkpoints("float8", "keras", count=2)
+    out = paths[0].parent / "avg.keras"
+    code, _, stderr = run_wavg("combine", "--quantized", "requantize", *paths, "-o", out)
+    assert_one_line_error(code, stderr, "float8", "amax history", HINT)
+    assert not out.exists()
+
+
+def test_a_model_mixing_quantized_and_float_layers_is_refused_naming_the_quantized_tensor():
+    paths, _ = _checkpoints("int8", "h5", count=2, filters="out")
+    code, _, stderr = run_wavg("combine", *paths, "-o", paths[0].parent / "avg.h5")
+    assert_one_line_error(code, stderr, "model_weights/out/out/kernel", "int8")
+
+
+def test_integer_tensors_that_are_not_quantized_weights_keep_the_copy_warning(tmp_path):
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="d")])
+    files = []
+    for i in range(2):
+        model.save_weights(tmp_path / f"w_{i}.weights.h5")
+        with h5py.File(tmp_path / f"w_{i}.weights.h5", "r+") as h5:
+            h5.create_dataset("vars/lookup", data=np.arange(32, dtype=np.int64).reshape(4, 8))
+        files.append(tmp_path / f"w_{i}.weights.h5")
+    code, stdout, stderr = run_wavg("combine", "--json", *files, "-o", tmp_path / "a.weights.h5")
+    assert code == 0, stderr
+    assert "vars/lookup" in json.loads(stdout)["warnings"][0]
+
+
+def test_a_file_claiming_quantization_without_its_scale_is_refused_naming_the_kernel():
+    paths, _ = _checkpoints("int8", "h5", count=2)
+    for path in paths:
+        with h5py.File(path, "r+") as h5:
+            del h5["model_weights/out/out/kernel_scale"]
+    code, _, stderr = run_wavg("combine", "--quantized", "requantize", *paths, "-o", paths[0].parent / "a.h5")
+    assert_one_line_error(code, stderr, str(paths[0]), "model_weights/out/out/kernel", "without its scale")
+
+
+def test_a_scale_of_the_wrong_shape_is_refused_naming_the_scale(tmp_path):
+    paths, _ = _checkpoints("int8", "weights.h5", count=2)
+    for path in paths:
+        with h5py.File(path, "r+") as h5:
+            del h5["layers/dense/vars/2"]
+            h5.create_dataset("layers/dense/vars/2", data=np.ones(7, np.float32))
+    code, _, stderr = run_wavg("combine", "--quantized", "requantize", *paths, "-o", tmp_path / "a.weights.h5")
+    assert_one_line_error(code, stderr, "layers/dense/vars/2", "(7,)", "fits no int8")
+    assert not (tmp_path / "a.weights.h5").exists()
+
+
+def test_evaluate_refuses_quantized_checkpoints_before_loading_them():
+    paths, _ = _checkpoints("int8", "keras", count=2)
+    code, _, stderr = run_wavg("evaluate", *paths, "--max-n", "1", "--no-ensemble")
+    assert_one_line_error(code, stderr, "int8-quantized", HINT)
+
+
+# ---------------------------------------------------------------------------------------------
+# requantize: bit-identical to Keras quantizing the dequantized average
+
+
+@pytest.mark.parametrize(
+    ("mode", "fmt"),
+    [
+        ("int8", "keras"),
+        ("int8", "weights.h5"),
+        ("int8", "h5"),
+        ("int4", "keras"),
+        ("int4", "h5"),
+        ("int4/4", "weights.h5"),
+        ("int4/-1", "keras"),
+    ],
+)
+def test_requantize_is_bit_identical_to_keras_quantizing_the_dequantized_average(mode, fmt):
+    paths, models = _checkpoints(mode, fmt)
+    out = paths[0].parent / f"avg{SUFFIX[fmt]}"
+    code, stdout, stderr = run_wavg("combine", "--json", "--quantized", "requantize", *paths, "-o", out)
+    assert code == 0, stderr
+    assert json.loads(stdout)["requantized_layers"] == 3
+    expected = _weights(_reference(models, mode, fmt, paths[0].parent / f"ref{SUFFIX[fmt]}"))
+    got = _weights(out)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert got[name] == expected[name], name
+    loaded = keras.models.load_model(out) if fmt != "weights.h5" else None
+    if loaded is not None:
+        assert loaded.get_layer("out").quantization_mode == mode.split("/")[0]
+
+
+def test_requantize_averages_the_float_layers_of_a_mixed_model_as_usual():
+    paths, models = _checkpoints("int4/4", "keras", filters="ein")
+    out = paths[0].parent / "avg.keras"
+    code, _, stderr = run_wavg("combine", "--quantized", "requantize", *paths, "-o", out)
+    assert code == 0, stderr
+    expected = _weights(_reference(models, "int4/4", "keras", paths[0].parent / "ref.keras", "ein"))
+    assert _weights(out) == expected
