@@ -35,10 +35,12 @@ def _config(mode: str):
 
 
 def _float_model(seed: int = 0, only_dense: bool = False):
-    """Embedding -> EinsumDense -> Dense, named so legacy .h5 groups match across models."""
+    """Embedding -> EinsumDense (2-D and 3-D kernels) -> Dense, named so legacy .h5 groups
+    match across models."""
     inputs = keras.Input((6,), dtype="int32")
     x = keras.layers.Embedding(20, 8, name="emb")(inputs)
     x = keras.layers.EinsumDense("abc,cd->abd", (6, 5), bias_axes="d", name="ein")(x)
+    x = keras.layers.EinsumDense("abc,cde->abde", (6, 2, 3), bias_axes="de", name="ein3")(x)
     x = keras.layers.Flatten(name="flat")(x)
     x = keras.layers.Dense(3, name="out")(x)
     model = keras.Model(inputs, x)
@@ -116,7 +118,8 @@ def _dequantized(layer) -> np.ndarray:
     if zero is None:
         if embedding:
             return q / scale.reshape(-1)[:, None]
-        return q / scale.reshape(1, -1)
+        # Dense and these EinsumDense layers reduce the kernel's first axis.
+        return (q.reshape(q.shape[0], -1) / scale.reshape(1, -1)).reshape(q.shape)
     zero = np.asarray(zero, np.float64)
     if embedding:
         groups = np.asarray(layer.g_idx, np.int64)
@@ -278,7 +281,7 @@ def test_requantize_is_bit_identical_to_keras_quantizing_the_dequantized_average
         "combine", "--json", "--quantized", "requantize", *paths, "-o", out
     )
     assert code == 0, stderr
-    assert json.loads(stdout)["requantized_layers"] == 3
+    assert json.loads(stdout)["requantized_layers"] == 4
     expected = _weights(_reference(models, mode, fmt, tmp_path / f"ref{SUFFIX[fmt]}"))
     got = _weights(out)
     assert got.keys() == expected.keys()

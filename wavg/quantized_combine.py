@@ -46,7 +46,7 @@ def plan_quantized(
     """Refuse quantized inputs, or return the `Requantizer` for them (None: nothing is
     quantized). Every input must hold the same quantized layers, laid out alike."""
     check_policy(policy)
-    found = [find_quantized(ckpt) for ckpt in inputs]
+    found = [find_quantized(ckpt, always_config=ckpt is inputs[-1]) for ckpt in inputs]
     if policy == "refuse":
         for ckpt, layers in zip(inputs, found, strict=True):
             refuse_quantized(ckpt, layers)

@@ -89,18 +89,21 @@ class Geometry:
         return 1 if self.block_size is None else math.ceil(self.reduced / self.block_size)
 
 
-def find_quantized(ckpt: Checkpoint) -> list[QuantizedLayer]:
+def find_quantized(ckpt: Checkpoint, always_config: bool = True) -> list[QuantizedLayer]:
     """Every quantized layer of `ckpt`, in file order; [] for a plain float checkpoint.
 
     A layer counts as quantized when the config gives it a quantized dtype policy
     (``int8``, ``int4/128``, ``float8``, ``gptq/...``) or its variable group holds an 8-bit
     integer matrix beside float tensors (a kernel with its scales), or float8's scale and
     amax-history pattern. A config that claims quantization for a layer whose tensors do not
-    fit raises `CheckpointError` naming the tensor.
+    fit raises `CheckpointError` naming the tensor. Without `always_config` the config is
+    read only when the layout shows quantized layers (reading it costs a reopen per input).
     """
-    config_layers = _config_layers(ckpt)
+    groups = list(_groups(ckpt))
+    suspect = any(_mode_from_layout(tensors, _named(tensors)) for _, tensors in groups)
+    config_layers = _config_layers(ckpt) if always_config or suspect else {}
     found = []
-    for group, tensors in _groups(ckpt):
+    for group, tensors in groups:
         info = _match_config(group, config_layers)
         layer = _classify(ckpt, group, tensors, info)
         if layer is not None:
@@ -297,6 +300,11 @@ def _groups(ckpt: Checkpoint) -> Iterator[tuple[str, list[Tensor]]]:
         yield group, tensors
 
 
+def _named(tensors: list[Tensor]) -> bool:
+    """Legacy .h5 names its datasets (kernel, kernel_scale); Keras 3 numbers them."""
+    return not all(_leaf(t).isdigit() for t in tensors)
+
+
 def _leaf(tensor: Tensor) -> str:
     return tensor.name.rsplit("/", 1)[1]
 
@@ -313,7 +321,7 @@ def _classify(
     ckpt: Checkpoint, group: str, tensors: list[Tensor], info: dict[str, Any] | None
 ) -> QuantizedLayer | None:
     mode = info.get("mode") if info else None
-    named = not all(_leaf(t).isdigit() for t in tensors)
+    named = _named(tensors)
     if mode is None:
         mode = _mode_from_layout(tensors, named)
         if mode is None:
