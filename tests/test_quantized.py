@@ -18,6 +18,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.kerasfiles import assert_one_line_error, run_wavg, scratch_dir
 
@@ -322,3 +324,70 @@ def test_the_python_api_refuses_an_unknown_quantized_policy(tmp_path):
     paths, _ = _checkpoints("int8", "keras")
     with pytest.raises(UsageError, match="refuse, requantize"):
         wavg.combine(paths, tmp_path / "a.keras", quantized="average")
+
+
+def test_model_loading_refuses_quantized_files_before_keras_reads_them():
+    from wavg.checkpoint.quantized import QuantizedCheckpoint
+    from wavg.model_loading import load_model, load_weights
+
+    with pytest.raises(QuantizedCheckpoint, match="int8-quantized"):
+        load_model(_checkpoints("int8", "keras")[0][0])
+    with pytest.raises(QuantizedCheckpoint, match="int8-quantized"):
+        load_weights(_float_model(0), _checkpoints("int8", "weights.h5")[0][0])
+
+
+# ---------------------------------------------------------------------------------------------
+# the numpy quantizer against Keras' own, on random matrices cut into random row blocks
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    rows=st.integers(1, 12),
+    cols=st.integers(1, 9),
+    axis=st.sampled_from([0, 1]),
+    mode=st.sampled_from(["int8", "int4", "int4/1", "int4/3", "int4/5", "int4/16"]),
+    block_rows=st.integers(1, 12),
+    seed=st.integers(0, 2**32 - 1),
+    offset=st.sampled_from([0.0, 1.0, -1.0]),
+)
+def test_blockwise_requantize_math_equals_keras_quantizers(
+    rows, cols, axis, mode, block_rows, seed, offset
+):
+    from wavg.checkpoint.quantized import Geometry
+    from wavg.requantize import Statistics, quantize
+
+    name, _, size = mode.partition("/")
+    block = int(size) if size else None
+    matrix = (np.random.default_rng(seed).normal(0, 1, (rows, cols)) + offset).astype(np.float32)
+    geo = Geometry(name, rows, cols, axis, block)
+    stats = Statistics(geo)
+    for first in range(0, rows, block_rows):
+        stats.update(matrix[first : first + block_rows], first)
+    scale, zero, zero_stored = stats.finish()
+    got = np.concatenate(
+        [
+            quantize(matrix[first : first + block_rows], geo, scale, zero, first)
+            for first in range(0, rows, block_rows)
+        ]
+    )
+    quantizers = keras.quantizers
+    low_high = (-8, 7) if name == "int4" else (-127, 127)
+    if block is None:
+        values, want_scale = quantizers.abs_max_quantize(matrix, axis, low_high, to_numpy=True)
+        want_zero = None
+    else:
+        source = matrix if axis == 0 else matrix.T
+        values, want_scale, want_zero = quantizers.abs_max_quantize_grouped_with_zero_point(
+            source, block, to_numpy=True
+        )
+        if axis == 1:
+            values, want_scale, want_zero = (
+                np.asarray(a).T for a in (values, want_scale, want_zero)
+            )
+    values = np.asarray(values)
+    if name == "int4":
+        values = np.asarray(quantizers.pack_int4(values, axis=-1)[0])
+    assert got.tobytes() == values.tobytes()
+    assert scale.tobytes() == np.asarray(want_scale, np.float32).reshape(scale.shape).tobytes()
+    if want_zero is not None:
+        assert zero_stored.tobytes() == np.asarray(want_zero).astype(np.int8).tobytes()
