@@ -391,3 +391,11 @@ def test_blockwise_requantize_math_equals_keras_quantizers(
     assert scale.tobytes() == np.asarray(want_scale, np.float32).reshape(scale.shape).tobytes()
     if want_zero is not None:
         assert zero_stored.tobytes() == np.asarray(want_zero).astype(np.int8).tobytes()
+
+
+def test_requantize_refuses_a_weights_file_that_does_not_record_the_int4_group_size(tmp_path):
+    paths, _ = _checkpoints("int4", "weights.h5")
+    out = tmp_path / "avg.weights.h5"
+    code, _, stderr = run_wavg("combine", "--quantized", "requantize", *paths, "-o", out)
+    assert_one_line_error(code, stderr, "layers/", "group size", "not recorded", ".keras", HINT)
+    assert not out.exists()

@@ -167,8 +167,13 @@ def combine(
             f"averaged, {summary.copied_tensors} copied); nothing written"
         )
     else:
+        requantized = (
+            f", {summary.requantized_layers} quantized layers requantized"
+            if summary.requantized_layers
+            else ""
+        )
         click.echo(
-            f"wrote {output} ({summary.format}, {summary.tensors} tensors averaged, "
+            f"wrote {output} ({summary.format}, {summary.tensors} tensors averaged{requantized}, "
             f"{summary.copied_tensors} copied, {_size(summary.bytes_written)}) "
             f"in {summary.seconds:.2f} s"
         )

@@ -162,6 +162,12 @@ def geometry(ckpt: Checkpoint, layer: QuantizedLayer) -> Geometry:
             f"quantized (several layouts fit); save the checkpoints as .keras: {HINT}",
         )
     found = candidates[0]
+    if layer.zero is None and layer.mode == "int4" and (layer.block_size or -1) > 0:
+        raise CheckpointError(
+            path,
+            f"its config quantizes kernel {kernel.name} in int4 groups of {layer.block_size}, "
+            "but the layer has no zero-point tensor",
+        )
     if layer.zero is not None:
         found = _with_block_size(ckpt, layer, found)
     return found
