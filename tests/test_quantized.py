@@ -399,3 +399,47 @@ def test_requantize_refuses_a_weights_file_that_does_not_record_the_int4_group_s
     code, _, stderr = run_wavg("combine", "--quantized", "requantize", *paths, "-o", out)
     assert_one_line_error(code, stderr, "layers/", "group size", "not recorded", ".keras", HINT)
     assert not out.exists()
+
+
+def _einsum_checkpoints(equation: str, shape, features, directory: Path):
+    def build():
+        inputs = keras.Input(features)
+        return keras.Model(inputs, keras.layers.EinsumDense(equation, shape, name="e")(inputs))
+
+    base = build().get_weights()
+    models, paths = [], []
+    for i in range(3):
+        model = build()
+        rng = np.random.default_rng(i)
+        model.set_weights([w + rng.normal(0, 0.05, w.shape).astype(np.float32) for w in base])
+        _quantize(model, "int8")
+        paths.append(_save(model, directory / f"e_{i}.keras", "keras"))
+        models.append(model)
+    return paths, models, build
+
+
+def test_requantize_handles_an_einsum_kernel_reduced_along_its_last_axis(tmp_path):
+    paths, models, build = _einsum_checkpoints("ab,cb->ac", 3, (4,), tmp_path)
+    code, _, stderr = run_wavg(
+        "combine", "--quantized", "requantize", *paths, "-o", tmp_path / "a.keras"
+    )
+    assert code == 0, stderr
+    acc = np.zeros((3, 4))
+    for model in models:  # kernel (3, 4) "cb": one scale per row c
+        layer = model.get_layer("e")
+        acc += np.asarray(layer._kernel, np.float64) / np.asarray(
+            layer.kernel_scale, np.float64
+        ).reshape(-1, 1)
+    ref = build()
+    ref.get_layer("e").kernel.assign((acc / 3).astype(np.float32))
+    _quantize(ref, "int8")
+    assert _weights(tmp_path / "a.keras") == _weights(_save(ref, tmp_path / "r.keras", "keras"))
+
+
+def test_requantize_refuses_an_einsum_whose_scale_reorders_the_kernel_axes(tmp_path):
+    paths, _, _ = _einsum_checkpoints("abc,cde->aed", (3, 2), (5, 4), tmp_path)
+    code, _, stderr = run_wavg(
+        "combine", "--quantized", "requantize", *paths, "-o", tmp_path / "a.keras"
+    )
+    assert_one_line_error(code, stderr, "EinsumDense", "abc,cde->aed", HINT)
+    assert not (tmp_path / "a.keras").exists()

@@ -145,14 +145,21 @@ def geometry(ckpt: Checkpoint, layer: QuantizedLayer) -> Geometry:
             f"tensor {scale.name} is a {scale.dtype} scale; --quantized requantize handles "
             f"float32 scales only: {HINT}",
         )
+    preferred = _preferred_axis(layer, path)
     candidates = _candidates(layer)
+    if not candidates and _permuted_channels(layer):
+        raise QuantizedCheckpoint(
+            path,
+            f"tensor {scale.name} {scale.shape} orders the channels of kernel {kernel.name} "
+            f"{kernel.shape} differently (an EinsumDense that reorders axes), which "
+            f"--quantized requantize does not lay out: {HINT}",
+        )
     if not candidates:
         raise CheckpointError(
             path,
             f"tensor {scale.name} has shape {scale.shape}, which fits no {layer.mode} "
             f"quantization of kernel {kernel.name} {kernel.shape}",
         )
-    preferred = _preferred_axis(layer, path)
     if preferred is not None:
         candidates = [g for g in candidates if g.axis == preferred] or candidates
     if len(candidates) > 1:
@@ -243,6 +250,18 @@ def _candidates(layer: QuantizedLayer) -> list[Geometry]:
     if groups == rows and g_len is not None and (g_len + 1) // 2 == stored:
         found[(rows, g_len, 1)] = Geometry("int4", rows, g_len, 1, -1)
     return list(found.values())
+
+
+def _permuted_channels(layer: QuantizedLayer) -> bool:
+    """An int8 scale holding the kernel's kept axes in another order (EinsumDense)."""
+    kshape, sshape = layer.kernel.shape, layer.scale.shape  # type: ignore[union-attr]
+    if layer.mode != "int8":
+        return False
+    wanted = sorted(_squeezed(sshape))
+    return any(
+        wanted == sorted(_squeezed(kshape[k:])) or wanted == sorted(_squeezed(kshape[:k]))
+        for k in range(1, len(kshape))
+    )
 
 
 def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
