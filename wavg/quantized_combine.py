@@ -164,7 +164,8 @@ class Requantizer:
         geo = job.geo
         scales = self._scales(job)
         shape = job.layer.kernel.shape
-        budget = max(self.block_items, geo.stored_cols)
+        # A quarter of the core's block: each row block lives as several float64 copies.
+        budget = max(self.block_items // 4, geo.stored_cols)
         for start, count, slices in iter_blocks(shape, 1, budget):
             row0, rows = start // geo.stored_cols, count // geo.stored_cols
             acc = np.zeros((rows, geo.cols), np.float64)

@@ -10,6 +10,8 @@ no Keras, no state beyond the running per-channel statistics.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from wavg.checkpoint.quantized import Geometry
@@ -59,21 +61,49 @@ def dequantize(
     q = stored.reshape(-1, geo.stored_cols)
     if geo.packed:
         q = unpack_int4(q, geo.cols)
-    rows = q.shape[0]
-    q64 = q.astype(np.float64)
     if geo.block_size is None:
         s = scale.reshape(-1).astype(np.float64)
-        per = s[None, :] if geo.axis == 0 else s[row0 : row0 + rows, None]
-        return q64 / per
-    s = scale.astype(np.float64)
-    z = zero.astype(np.float64)  # type: ignore[union-attr]
-    if geo.axis == 0:
-        groups = (np.arange(row0, row0 + rows) // geo.block_size)[:, None]
-        cols = np.arange(geo.cols)[None, :]
-    else:
-        groups = np.arange(row0, row0 + rows)[:, None]
-        cols = (np.arange(geo.cols) // geo.block_size)[None, :]
-    return (q64 - z[groups, cols]) * s[groups, cols]
+        per = s[None, :] if geo.axis == 0 else s[row0 : row0 + q.shape[0], None]
+        return q.astype(np.float64) / per
+    assert zero is not None
+    return _grouped(q, geo, scale.astype(np.float64), zero.astype(np.float64), row0, _dequantize)
+
+
+def _dequantize(q: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
+    return (q.astype(np.float64) - zero) * scale
+
+
+def _quantize(block: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
+    return np.round(np.divide(block, scale)) + zero
+
+
+def _grouped(
+    block: np.ndarray,
+    geo: Geometry,
+    scale: np.ndarray,
+    zero: np.ndarray,
+    row0: int,
+    op: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray],
+) -> np.ndarray:
+    """`op(values, scale, zero)` with each element's group parameters broadcast to it: one
+    call per group of rows (axis 0), or with the parameters repeated across each row's
+    groups (axis 1). Elementwise, so the result does not depend on how it is cut."""
+    rows = block.shape[0]
+    size = geo.block_size
+    assert size is not None
+    if geo.axis == 1:
+        lay = slice(row0, row0 + rows)
+        wide = (np.repeat(p[lay], size, axis=1)[:, : geo.cols] for p in (scale, zero))
+        return op(block, *wide)
+    parts = []
+    first = row0
+    while first < row0 + rows:
+        group = first // size
+        last = min((group + 1) * size, row0 + rows)
+        part = block[first - row0 : last - row0]
+        parts.append(op(part, scale[group][None, :], zero[group][None, :]))
+        first = last
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
 class Statistics:
@@ -149,13 +179,8 @@ def quantize(
         per = scale[None, :] if geo.axis == 0 else scale[row0 : row0 + rows, None]
         values = np.clip(np.round(np.multiply(block, per)), qmin, qmax).astype(np.int8)
     else:
-        if geo.axis == 0:
-            groups = (np.arange(row0, row0 + rows) // geo.block_size)[:, None]
-            cols = np.arange(geo.cols)[None, :]
-        else:
-            groups = np.arange(row0, row0 + rows)[:, None]
-            cols = (np.arange(geo.cols) // geo.block_size)[None, :]
-        shifted = np.round(np.divide(block, scale[groups, cols])) + zero[groups, cols]  # type: ignore[index]
+        assert zero is not None
+        shifted = _grouped(block, geo, scale, zero, row0, _quantize)
         values = np.clip(shifted, qmin, qmax).astype(np.int8)
     if geo.packed:
         values = pack_int4(values)
