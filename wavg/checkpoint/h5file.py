@@ -47,7 +47,7 @@ class H5Checkpoint(Checkpoint):
             with self.weights_h5() as h5:
                 text = h5.attrs.get("model_config")
             config = json.loads(text) if text is not None else None
-        except (OSError, RuntimeError, ValueError, TypeError):
+        except (OSError, RuntimeError, ValueError, TypeError):  # RecursionError: RuntimeError
             return None
         return config if isinstance(config, dict) else None
 

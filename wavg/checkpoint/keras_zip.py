@@ -163,7 +163,7 @@ class KerasCheckpoint(Checkpoint):
             return None
         try:
             config = json.loads(self.read_member("config.json"))
-        except (CheckpointError, ValueError):
+        except (CheckpointError, ValueError, RecursionError):
             return None
         return config if isinstance(config, dict) else None
 
