@@ -130,9 +130,19 @@ def _dequantized(layer) -> np.ndarray:
     return (q - zero[groups, :]) * scale[groups, :]
 
 
-def _reference(models: list, mode: str, fmt: str, path: Path, filters=None) -> Path:
-    """Keras' quantization of the float model holding the average of the inputs' dequantized
-    kernels (float64 sum in input order, divided once, rounded to float32), saved as `fmt`."""
+def _reference(models: list, mode: str, fmt: str, path: Path, filters=None, weights=None) -> Path:
+    """Keras' quantization of the float model holding the weighted average of the inputs'
+    dequantized kernels (float64 sum of w * value in input order, divided once by the sum
+    of the raw weights, rounded to float32), saved as `fmt`."""
+    weights = weights or [1.0] * len(models)
+    total = float(sum(weights))
+
+    def mean(arrays):
+        acc = np.zeros_like(arrays[0])
+        for array, w in zip(arrays, weights, strict=True):
+            acc += array if w == 1.0 else array * w
+        return (acc / total).astype(np.float32)
+
     ref = _float_model(0)
     for layer in ref.layers:
         if not layer.weights:
@@ -140,19 +150,13 @@ def _reference(models: list, mode: str, fmt: str, path: Path, filters=None) -> P
         parts = [m.get_layer(layer.name) for m in models]
         if parts[0].quantization_mode is None:
             values = [[np.asarray(v, np.float64) for v in p.weights] for p in parts]
-            layer.set_weights(
-                [(sum(vs) / len(vs)).astype(np.float32) for vs in zip(*values, strict=True)]
-            )
+            layer.set_weights([mean(list(vs)) for vs in zip(*values, strict=True)])
             continue
-        acc = np.zeros_like(_dequantized(parts[0]))
-        for part in parts:
-            acc += _dequantized(part)
-        kernel = (acc / len(parts)).astype(np.float32)
+        kernel = mean([_dequantized(part) for part in parts])
         target = layer.embeddings if isinstance(layer, keras.layers.Embedding) else layer.kernel
         target.assign(kernel.reshape(target.shape))
         if getattr(layer, "bias", None) is not None:
-            biases = [np.asarray(p.bias, np.float64) for p in parts]
-            layer.bias.assign((sum(biases) / len(biases)).astype(np.float32))
+            layer.bias.assign(mean([np.asarray(p.bias, np.float64) for p in parts]))
     _quantize(ref, mode, filters)
     return _save(ref, path, fmt)
 
@@ -263,29 +267,30 @@ def test_evaluate_refuses_quantized_checkpoints_before_loading_them():
 
 
 @pytest.mark.parametrize(
-    ("mode", "fmt"),
+    ("mode", "fmt", "scheme"),
     [
-        ("int8", "keras"),
-        ("int8", "weights.h5"),
-        ("int8", "h5"),
-        ("int4", "keras"),
-        ("int4", "h5"),
-        ("int4/4", "weights.h5"),
-        ("int4/-1", "keras"),
+        ("int8", "keras", "equal"),
+        ("int8", "weights.h5", "equal"),
+        ("int8", "h5", "linear"),
+        ("int4", "keras", "equal"),
+        ("int4", "h5", "equal"),
+        ("int4/4", "weights.h5", "linear"),
+        ("int4/-1", "keras", "equal"),
     ],
 )
 def test_requantize_is_bit_identical_to_keras_quantizing_the_dequantized_average(
-    mode, fmt, tmp_path
+    mode, fmt, scheme, tmp_path
 ):
     paths, models = _checkpoints(mode, fmt)
     out = tmp_path / f"avg{SUFFIX[fmt]}"
     code, stdout, stderr = run_wavg(
-        "combine", "--json", "--quantized", "requantize", *paths, "-o", out
+        "combine", "--json", "--scheme", scheme, "--quantized", "requantize", *paths, "-o", out
     )
     assert code == 0, stderr
     assert json.loads(stdout)["requantized_layers"] == 4
-    expected = _weights(_reference(models, mode, fmt, tmp_path / f"ref{SUFFIX[fmt]}"))
-    got = _weights(out)
+    raw = [1.0, 2.0, 3.0] if scheme == "linear" else None
+    ref = _reference(models, mode, fmt, tmp_path / f"ref{SUFFIX[fmt]}", weights=raw)
+    expected, got = _weights(ref), _weights(out)
     assert got.keys() == expected.keys()
     for name in expected:
         assert got[name] == expected[name], name
