@@ -23,6 +23,7 @@ from wavg.combine import CombinePlan, plan_combine, run_plan
 from wavg.errors import EXIT_INTERRUPTED, EXIT_USAGE, UsageError, WavgError
 from wavg.extras import missing_reported, require
 from wavg.ordering import ORDERS
+from wavg.quantized_combine import POLICIES
 from wavg.schemes import DEFAULT_ALPHA, SCHEMES, parse_weight_list
 
 _stderr = Console(stderr=True)
@@ -138,6 +139,13 @@ def needs_extra(extra: str) -> Callable[[Callable[..., object]], Callable[..., o
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @click.option("--allow-nonfinite", is_flag=True, help="Average tensors that hold NaN or Inf.")
 @click.option("--drop-optimizer", is_flag=True, help="Leave the optimizer state out of the output.")
+@click.option(
+    "--quantized",
+    type=click.Choice(POLICIES),
+    default="refuse",
+    show_default=True,
+    help="Quantized (int8/int4) inputs: refuse them, or dequantize, average and requantize.",
+)
 def combine(
     checkpoints: tuple[str, ...],
     output: str,
@@ -150,6 +158,7 @@ def combine(
     as_json: bool,
     allow_nonfinite: bool,
     drop_optimizer: bool,
+    quantized: str,
 ) -> None:
     """Average CHECKPOINTS (one training run's last epochs) into one checkpoint.
 
@@ -178,6 +187,7 @@ def combine(
             drop_optimizer=drop_optimizer,
             dry_run=dry_run,
             progress=progress,
+            quantized=quantized,
             on_ready=lambda summary: _render_plan(plan, summary.warnings),
         )
     if as_json:
@@ -188,8 +198,13 @@ def combine(
             f"averaged, {summary.copied_tensors} copied); nothing written"
         )
     else:
+        requantized = (
+            f", {summary.requantized_layers} quantized layers requantized"
+            if summary.requantized_layers
+            else ""
+        )
         click.echo(
-            f"wrote {output} ({summary.format}, {summary.tensors} tensors averaged, "
+            f"wrote {output} ({summary.format}, {summary.tensors} tensors averaged{requantized}, "
             f"{summary.copied_tensors} copied, {_size(summary.bytes_written)}) "
             f"in {summary.seconds:.2f} s"
         )
