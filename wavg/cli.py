@@ -153,12 +153,12 @@ def combine(
         click.echo(json.dumps(summary.to_json(), indent=2))
     elif dry_run:
         click.echo(
-            f"dry run: would write {output} ({summary.format}, {summary.tensors} tensors "
+            f"dry run: would write {summary.output} ({summary.format}, {summary.tensors} tensors "
             f"averaged, {summary.copied_tensors} copied); nothing written"
         )
     else:
         click.echo(
-            f"wrote {output} ({summary.format}, {summary.tensors} tensors averaged, "
+            f"wrote {summary.output} ({summary.format}, {summary.tensors} tensors averaged, "
             f"{summary.copied_tensors} copied, {_size(summary.bytes_written)}) "
             f"in {summary.seconds:.2f} s"
         )
