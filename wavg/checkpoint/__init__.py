@@ -25,6 +25,7 @@ __all__ = [
     "Writer",
     "iter_blocks",
     "open_checkpoint",
+    "local_copies",
     "open_source",
     "staged_output",
 ]
@@ -39,6 +40,22 @@ def open_source(name: str | os.PathLike[str] | Url) -> InputFile:
 
         return RemoteFile(location.url)  # type: ignore[return-value]
     return InputFile(os.fspath(location))
+
+
+def local_copies(locations: list[Location], directory: Path) -> list[Path]:
+    """Local paths for `locations`: local ones as they are, URLs downloaded whole into their
+    own folders under `directory` (for tools that need a file, like Keras' loaders)."""
+    found: list[Path] = []
+    for i, location in enumerate(locations):
+        if isinstance(location, Url):
+            from wavg.checkpoint.remote import download
+
+            folder = directory / str(i)
+            folder.mkdir(parents=True)
+            found.append(download(location.url, folder))
+        else:
+            found.append(location)
+    return found
 
 
 @contextlib.contextmanager

@@ -30,9 +30,9 @@ from wavg.checkpoint.inputfile import Window
 from wavg.errors import CheckpointError, InputChanged, OutputError, UsageError, WavgError
 from wavg.locations import redact
 
-PAGE = 64 << 10  # metadata reads are served from pages of this size
+PAGE = 32 << 10  # metadata reads are served from pages of this size
 SMALL_READ = 4 * PAGE  # reads up to this size go through the page cache
-MAX_PAGES = 512  # per input: 32 MiB of cached metadata at most
+MAX_PAGES = 1024  # per input: 32 MiB of cached metadata at most
 GAP = 64 << 10  # planned ranges closer than this are fetched as one
 CHUNK = 8 << 20  # largest single prefetch request
 BUDGET = 256 << 20  # bytes fetched ahead and not yet read, over all inputs
@@ -50,6 +50,9 @@ _UNREACHABLE = (
     "ClientConnectorError",
     "ClientConnectionError",
     "ServerDisconnectedError",
+    "HTTPClientError",
+    "ResponseParserError",
+    "IncompleteRead",
 )
 _NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError")
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
@@ -143,15 +146,21 @@ def filesystem(url: str) -> tuple[Any, str]:
     protocol = url.split("://", 1)[0].lower()
     extra = _EXTRAS.get(protocol, "wavg[remote]")
     try:
-        import fsspec
         from fsspec.core import url_to_fs
+        from fsspec.registry import known_implementations
     except ImportError:
         raise UsageError(f"{display}: reading URLs needs fsspec: pip install '{extra}'") from None
     try:
         fs, path = url_to_fs(url)
     except ImportError:
-        known = fsspec.registry.known_implementations.get(protocol, {})
-        hint = f"pip install '{extra}'" if protocol in _EXTRAS else known.get("err", "")
+        package = re.search(
+            r"[Ii]nstall (\S+)", known_implementations.get(protocol, {}).get("err", "")
+        )
+        hint = (
+            f"pip install '{extra}'"
+            if protocol in _EXTRAS or not package
+            else f"pip install {package[1]}"
+        )
         raise UsageError(f"{display}: {protocol}:// needs a backend that is not installed: {hint}")  # noqa: B904
     except Exception as exc:
         raise CheckpointError(display, f"not a usable URL ({scrub(exc)})") from None
@@ -500,7 +509,8 @@ class RemoteFile:
     def h5py_source(self) -> Any:
         import io
 
-        return io.BufferedReader(Window(self, 0, self.size), PAGE)
+        # A small buffer: h5py's reads are scattered, and the page cache does the fetching.
+        return io.BufferedReader(Window(self, 0, self.size), 8 << 10)
 
     @contextlib.contextmanager
     def fd(self) -> Iterator[int]:
