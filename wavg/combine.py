@@ -345,7 +345,7 @@ def _write_average(
     try:
         with newest.output(out, keep if drop_optimizer else None) as writer:
             for ckpt, _ in averager.members:
-                ckpt.will_read(writer.order)
+                ckpt.will_read(writer.order, len(averager.members))
             tensors = [newest.tensors[name] for name in writer.order]
             total = sum(t.nbytes for t in tensors) * len(averager.members)
             done = 0

@@ -151,11 +151,12 @@ class Checkpoint:
                 out = read_hyperslab(h5[tensor.name], slices, self.path)
         return out.view(tensor.dtype)
 
-    def will_read(self, names: list[str]) -> None:
-        """Tell the byte source which tensors' raw bytes will be read, in this order (it may
-        fetch them ahead; a local file ignores the hint)."""
+    def will_read(self, names: list[str], readers: int = 1) -> None:
+        """Tell the byte source which tensors' raw bytes will be read, in this order, with
+        `readers` inputs read in lockstep (it may fetch ahead; a local file ignores this)."""
         tensors = [self.tensors[n] for n in names if n in self.tensors]
-        self.file.will_read([(t.offset, t.nbytes) for t in tensors if t.offset is not None])
+        ranges = [(t.offset, t.nbytes) for t in tensors if t.offset is not None]
+        self.file.will_read(ranges, readers)
 
     def trim(self) -> None:
         """Close the h5py handle if raw reads need none (its metadata cache costs memory

@@ -117,9 +117,9 @@ class InputFile:
                 done += got
         return done
 
-    def will_read(self, ranges: Sequence[tuple[int, int]]) -> None:
-        """A hint: ``(offset, size)`` ranges about to be read with `readinto`, in order.
-        A local file leaves read-ahead to the kernel."""
+    def will_read(self, ranges: Sequence[tuple[int, int]], readers: int = 1) -> None:
+        """A hint: ``(offset, size)`` ranges about to be read with `readinto`, in order, by
+        one of `readers` inputs read in lockstep. A local file leaves read-ahead to the kernel."""
 
     def copy_range_to(self, dst_fd: int, src_at: int, dst_at: int, count: int) -> None:
         """Copy `count` bytes at `src_at` to `dst_fd` at `dst_at`, in the kernel if it can."""

@@ -34,7 +34,8 @@ PAGE = 32 << 10  # metadata reads are served from pages of this size
 SMALL_READ = 4 * PAGE  # reads up to this size go through the page cache
 MAX_PAGES = 1024  # per input: 32 MiB of cached metadata at most
 GAP = 64 << 10  # planned ranges closer than this are fetched as one
-CHUNK = 8 << 20  # largest single prefetch request
+CHUNK = 32 << 20  # largest single prefetch request (a request costs latency, not bytes)
+MIN_CHUNK = 256 << 10
 BUDGET = 256 << 20  # bytes fetched ahead and not yet read, over all inputs
 FETCHERS = 16  # concurrent prefetch requests
 ATTEMPTS = 4  # tries per request for transient errors (the backend may retry inside each)
@@ -322,9 +323,9 @@ class _Prefetcher:
 _prefetcher = _Prefetcher()
 
 
-def plan_chunks(ranges: Sequence[tuple[int, int]], seq: int) -> list[_Chunk]:
+def plan_chunks(ranges: Sequence[tuple[int, int]], seq: int, chunk: int = CHUNK) -> list[_Chunk]:
     """Coalesce ``(offset, size)`` ranges (given in reading order) into chunks of at most
-    `CHUNK` bytes, each keyed by where the reader first needs it."""
+    `chunk` bytes, each keyed by where the reader first needs it."""
     order = sorted((off, off + size, i) for i, (off, size) in enumerate(ranges) if size > 0)
     groups: list[list[tuple[int, int, int]]] = []
     for item in order:
@@ -335,8 +336,8 @@ def plan_chunks(ranges: Sequence[tuple[int, int]], seq: int) -> list[_Chunk]:
     chunks: list[_Chunk] = []
     for group in groups:
         start, end = group[0][0], max(last for _, last, _ in group)
-        for piece in range(start, end, CHUNK):
-            piece_end = min(piece + CHUNK, end)
+        for piece in range(start, end, chunk):
+            piece_end = min(piece + chunk, end)
             inside = [
                 (max(a, piece), min(b, piece_end), i)
                 for a, b, i in group
@@ -488,10 +489,16 @@ class RemoteFile:
             while len(self._pages) > MAX_PAGES:
                 self._pages.popitem(last=False)
 
-    def will_read(self, ranges: Sequence[tuple[int, int]]) -> None:
-        """Plan the ranges the reader will take, in its order, and start fetching them."""
+    def will_read(self, ranges: Sequence[tuple[int, int]], readers: int = 1) -> None:
+        """Plan the ranges the reader will take, in its order, and start fetching them.
+
+        Chunks are sized so that one per reader fits the budget: with `readers` inputs read
+        in lockstep, each holds at most ``BUDGET / readers`` bytes ahead (at least
+        `MIN_CHUNK`), so read-ahead memory stays bounded whatever the input count.
+        """
         _prefetcher.forget(self._chunks)
-        chunks = plan_chunks(ranges, self._seq)
+        size = max(MIN_CHUNK, min(CHUNK, BUDGET // max(1, readers)))
+        chunks = plan_chunks(ranges, self._seq, size)
         chunks.sort(key=lambda c: c.start)
         self._chunks, self._starts = chunks, [c.start for c in chunks]
         _prefetcher.submit(self, chunks)
