@@ -8,6 +8,7 @@ access or overwrite an object while wavg reads it.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from kerasfiles import assert_one_line_error, run_wavg
 
 from wavg.checkpoint import remote
@@ -367,3 +370,36 @@ def test_evaluate_scores_remote_checkpoints_like_local_ones(s3):
     here = evaluate(files, **kwargs)
     assert [str(p) for p in there.checkpoints] == urls
     assert there.scores == here.scores
+
+
+def test_the_endpoint_may_come_from_fsspec_configuration(s3, runs, monkeypatch, tmp_path):
+    import fsspec.config
+
+    client, _ = s3
+    urls = put(client, runs["mlp"].files["h5"], "conf")
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # what FSSPEC_S3_ENDPOINT_URL=... sets instead:
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": endpoint})
+    code, _, err = run_wavg("combine", *urls, "-o", tmp_path / "avg.h5")
+    assert code == 0, err
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 1 << 22), st.integers(0, 1 << 20)), max_size=30),
+    st.integers(1 << 10, 1 << 21),
+)
+def test_planned_chunks_cover_every_range_once_and_stay_within_their_size(ranges, size):
+    # Tensors never overlap: keep the ranges disjoint, as an HDF5 file's datasets are.
+    disjoint, end = [], 0
+    for start, length in sorted(ranges):
+        if start >= end:
+            disjoint.append((start, length))
+            end = start + length
+    chunks = remote.plan_chunks(disjoint, seq=0, chunk=size)
+    covered = sorted((c.start, c.end) for c in chunks)
+    assert all(b <= c for (_, b), (c, _) in zip(covered, covered[1:], strict=False))
+    assert all(0 < c.end - c.start <= size for c in chunks)
+    assert sum(c.useful for c in chunks) == sum(length for _, length in disjoint)
+    for start, length in disjoint:
+        inside = sum(max(0, min(b, start + length) - max(a, start)) for a, b in covered)
+        assert inside == length
