@@ -134,6 +134,11 @@ class InputFile:
                     raise CheckpointError(self.path, "truncated while copying")
                 src_at, dst_at, count = src_at + done, dst_at + done, count - done
 
+    def sibling(self, name: str) -> InputFile:
+        """The file called `name` next to this one (a shard beside its index), opened and
+        identified the same way. `name` is one path segment; the caller checks it."""
+        return InputFile(os.path.join(os.path.dirname(self.path), name))
+
     def h5py_source(self) -> str | io.BufferedReader:
         """What h5py should open to read this file: its path, for h5py's own driver."""
         return self.path

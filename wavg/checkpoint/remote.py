@@ -519,10 +519,11 @@ class RemoteFile:
         # A small buffer: h5py's reads are scattered, and the page cache does the fetching.
         return io.BufferedReader(Window(self, 0, self.size), 8 << 10)
 
-    @contextlib.contextmanager
-    def fd(self) -> Iterator[int]:
-        raise CheckpointError(self.path, "has no file descriptor (it is remote)")
-        yield 0  # pragma: no cover
+    def sibling(self, name: str) -> RemoteFile:
+        """The object called `name` next to this one (a shard beside its index), opened and
+        pinned the same way. `name` is one path segment; the caller checks it."""
+        base = self._url.split("?", 1)[0].rsplit("/", 1)[0]
+        return RemoteFile(f"{base}/{name}")
 
     # -- identity ------------------------------------------------------------------------------
 
@@ -549,9 +550,6 @@ class RemoteFile:
         self._chunks, self._starts = [], []
         with self._page_lock:
             self._pages.clear()
-
-    def same_file(self, st: os.stat_result) -> bool:
-        return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -614,8 +612,9 @@ def staged_upload(url: str) -> Iterator[Path]:
         local = directory / url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
         yield local
         base = url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[0]
+        # Sorted, then the output's own name last: an index after the shards it names.
         files = sorted(p for p in directory.rglob("*") if p.is_file())
-        files.sort(key=lambda p: p == local or local in p.parents and p.name == local.name)
+        files.sort(key=lambda p: p == local)
         upload([(p, f"{base}/{p.relative_to(directory).as_posix()}") for p in files])
     finally:
         shutil.rmtree(directory, ignore_errors=True)
