@@ -65,9 +65,15 @@ def _download_seconds(urls: list[str], directory: Path) -> float:
 
 
 def _wavg_run(wavg: Path, urls: list[str], out: Path, env: dict[str, str]) -> tuple[float, dict]:
+    """Wall time and ``--json`` summary of one remote combine, plus its peak RSS (bytes,
+    under GNU time when present) as ``summary["peak_rss"]``."""
+    rss_file = out.with_suffix(".rss")
+    timer = (
+        ["/usr/bin/time", "-f", "%M", "-o", str(rss_file)] if Path("/usr/bin/time").exists() else []
+    )
     started = time.perf_counter()
     done = subprocess.run(
-        [str(wavg), "combine", *urls, "-o", str(out), "--json"],
+        [*timer, str(wavg), "combine", *urls, "-o", str(out), "--json"],
         capture_output=True,
         text=True,
         env={**os.environ, **env},
@@ -77,7 +83,10 @@ def _wavg_run(wavg: Path, urls: list[str], out: Path, env: dict[str, str]) -> tu
     if done.returncode != 0:
         raise RuntimeError(f"wavg failed on the remote workload:\n{done.stderr[-2000:]}")
     out.unlink()
-    return seconds, json.loads(done.stdout)
+    summary = json.loads(done.stdout)
+    if timer:
+        summary["peak_rss"] = int(rss_file.read_text().split()[-1]) * 1024
+    return seconds, summary
 
 
 def run(root: Path, wavg: Path, keep: bool = False) -> list[str]:
@@ -120,6 +129,7 @@ def run(root: Path, wavg: Path, keep: bool = False) -> list[str]:
         f"127.0.0.1): bytes fetched / tensor bytes = {summary['bytes_fetched'] / tensor_bytes:.3f} "
         f"(target <= 1.05; {summary['requests']} requests); wavg time / parallel download "
         f"time = {seconds / download:.2f} ({seconds:.1f} s vs {download:.1f} s; target <= 1.5)"
+        + (f"; peak RSS {summary['peak_rss'] / 1e6:.0f} MB" if "peak_rss" in summary else "")
     ]
 
 

@@ -414,3 +414,15 @@ def test_a_byte_source_opens_its_siblings_by_name(s3, runs):
     for first in (open_source(urls[0]), open_source(files[0])):
         other = first.sibling(files[1].name)
         assert other.read_at(0, other.size) == files[1].read_bytes()
+
+
+def test_a_failed_upload_leaves_no_object_and_names_the_output(s3, runs, tmp_path):
+    client, recorder = s3
+    files = runs["mlp"].files["h5"]
+    target = f"s3://{BUCKET}/failing-out/avg.h5"
+    recorder.failures, recorder.fail_prefix = 1000, f"/{BUCKET}/failing-out/"
+    code, _, err = run_wavg("combine", *files, "-o", target)
+    assert code == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"wavg: error: {target}: ")
+    recorder.failures = 0
+    assert keys(client, "failing-out/") == []
