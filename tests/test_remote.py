@@ -426,3 +426,16 @@ def test_a_failed_upload_leaves_no_object_and_names_the_output(s3, runs, tmp_pat
     assert err.strip().splitlines()[-1].startswith(f"wavg: error: {target}: ")
     recorder.failures = 0
     assert keys(client, "failing-out/") == []
+
+
+def test_local_runs_never_import_a_storage_backend(tmp_path):
+    files = [str(p) for p in sorted(SAMPLES.glob("model_49[89].h5"))]
+    script = (
+        "import sys\n"
+        "from wavg.cli import main\n"
+        f"code = main(['combine', *{files!r}, '-o', {str(tmp_path / 'a.h5')!r}])\n"
+        "loaded = [m for m in ('fsspec', 's3fs', 'gcsfs', 'botocore') if m in sys.modules]\n"
+        "sys.exit(code or (3 if loaded else 0))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
