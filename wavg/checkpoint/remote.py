@@ -51,10 +51,8 @@ _UNREACHABLE = (
     "ClientConnectorError",
     "ClientConnectionError",
     "ServerDisconnectedError",
-    "HTTPClientError",
-    "ResponseParserError",
-    "IncompleteRead",
 )
+_BROKEN = ("HTTPClientError", "ResponseParserError", "IncompleteRead", "ClientPayloadError")
 _NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError")
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
 _TRANSIENT_ERRNOS = {
@@ -105,6 +103,8 @@ def describe(exc: BaseException) -> tuple[str, bool]:
         ), False
     if name in _UNREACHABLE or isinstance(exc, ConnectionError | TimeoutError):
         return "cannot reach the storage endpoint", True
+    if name in _BROKEN:
+        return f"the connection to the storage endpoint broke ({scrub(exc)})", True
     if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
         return f"storage service error ({scrub(exc.strerror or exc)})", True
     if name == "NotADirectoryError" or isinstance(exc, IsADirectoryError):
@@ -162,7 +162,8 @@ def filesystem(url: str) -> tuple[Any, str]:
             if protocol in _EXTRAS or not package
             else f"pip install {package[1]}"
         )
-        raise UsageError(f"{display}: {protocol}:// needs a backend that is not installed: {hint}")  # noqa: B904
+        problem = f"{protocol}:// needs a backend that is not installed: {hint}"
+        raise UsageError(f"{display}: {problem}") from None
     except Exception as exc:
         raise CheckpointError(display, f"not a usable URL ({scrub(exc)})") from None
     if protocol in _BUCKETED and "/" not in path.strip("/"):
@@ -210,13 +211,15 @@ PENDING, FETCHING, READY, DROPPED = range(4)
 
 
 class _Chunk:
-    """One planned request: bytes ``start … end`` of one input, and how much of it the reader
-    still has to take (`useful` counts only planned bytes, not the gaps between them)."""
+    """One planned request: bytes ``start … end`` of one input, the planned `spans` in it
+    (the gaps between them are fetched but never counted as read), and how many planned
+    bytes the reader has taken so far."""
 
-    __slots__ = ("start", "end", "useful", "consumed", "data", "state", "error", "key")
+    __slots__ = ("start", "end", "spans", "useful", "consumed", "data", "state", "error", "key")
 
-    def __init__(self, start: int, end: int, useful: int, key: tuple) -> None:
-        self.start, self.end, self.useful, self.key = start, end, useful, key
+    def __init__(self, start: int, end: int, spans: list[tuple[int, int]], key: tuple) -> None:
+        self.start, self.end, self.spans, self.key = start, end, spans, key
+        self.useful = sum(b - a for a, b in spans)
         self.consumed = 0
         self.data: bytes | None = None
         self.state = PENDING
@@ -225,6 +228,10 @@ class _Chunk:
     @property
     def size(self) -> int:
         return self.end - self.start
+
+    def planned(self, first: int, last: int) -> int:
+        """How many planned bytes lie in ``first … last``."""
+        return sum(max(0, min(b, last) - max(a, first)) for a, b in self.spans)
 
 
 class _Prefetcher:
@@ -300,7 +307,7 @@ class _Prefetcher:
                 raise chunk.error
             assert chunk.data is not None
             view[:] = memoryview(chunk.data)[at - chunk.start : at - chunk.start + len(view)]
-            chunk.consumed += len(view)
+            chunk.consumed += chunk.planned(at, at + len(view))
             if chunk.consumed >= chunk.useful:
                 self._drop(chunk)
         return True
@@ -345,10 +352,10 @@ def plan_chunks(ranges: Sequence[tuple[int, int]], seq: int, chunk: int = CHUNK)
             ]
             if not inside:
                 continue
-            useful = sum(b - a for a, b, _ in inside)
+            spans = [(a, b) for a, b, _ in inside]
             first = min(inside, key=lambda r: (r[2], r[0]))
             offset_in_range = first[0] - ranges[first[2]][0]
-            chunks.append(_Chunk(piece, piece_end, useful, (first[2], offset_in_range, seq)))
+            chunks.append(_Chunk(piece, piece_end, spans, (first[2], offset_in_range, seq)))
     return chunks
 
 
@@ -387,19 +394,19 @@ class RemoteFile:
             raise CheckpointError(self.path, "is empty")
         self.identity = _identity(info)
 
-    def _count(self, nbytes: int) -> None:
+    def _count(self, requests: int, nbytes: int = 0) -> None:
         with self._counter_lock:
-            self.requests += 1
+            self.requests += requests
             self.bytes_fetched += nbytes
 
     def _open(self) -> tuple[Any, dict]:
         def attempt() -> tuple[Any, dict]:
             self.fs.invalidate_cache(self._key)
-            self._count(0)
+            self._count(1)
             handle = self.fs.open(self._key, "rb", cache_type="none")
             info = getattr(handle, "details", None)
             if not info:
-                self._count(0)
+                self._count(1)
                 info = self.fs.info(self._key)
             return handle, info
 
@@ -417,13 +424,14 @@ class RemoteFile:
         from fsspec.spec import AbstractBufferedFile
 
         def attempt() -> bytes:
+            self._count(1)
             if isinstance(self._handle, AbstractBufferedFile):
                 data = self._handle._fetch_range(start, end)  # the backend's ranged GET
             else:
                 with self._handle_lock:
                     self._handle.seek(start)
                     data = self._handle.read(end - start)
-            self._count(len(data))
+            self._count(0, len(data))
             return data
 
         data = _retrying(attempt, self.path)
@@ -532,7 +540,7 @@ class RemoteFile:
 
         def attempt() -> dict:
             self.fs.invalidate_cache(self._key)
-            self._count(0)
+            self._count(1)
             return self.fs.info(self._key)
 
         try:
