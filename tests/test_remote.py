@@ -439,3 +439,15 @@ def test_local_runs_never_import_a_storage_backend(tmp_path):
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_an_empty_object_and_a_prefix_are_refused_by_name(s3, tmp_path):
+    client, _ = s3
+    client.put_object(Bucket=BUCKET, Key="odd/model_1.h5", Body=b"")
+    client.put_object(Bucket=BUCKET, Key="odd/run_2/model_2.h5", Body=b"x")
+    for url, problem in [
+        (f"s3://{BUCKET}/odd/model_1.h5", "is empty"),
+        (f"s3://{BUCKET}/odd/run_2", "not a checkpoint"),
+    ]:
+        code, _, err = run_wavg("combine", url, "-o", tmp_path / "avg.h5")
+        assert_one_line_error(code, err, url, problem)
