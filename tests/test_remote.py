@@ -211,6 +211,8 @@ def test_an_output_url_is_uploaded_whole_and_alone(s3, runs, tmp_path):
     files = runs["mlp"].files["keras"]
     local = tmp_path / "avg.keras"
     assert run_wavg("combine", *files, "-o", local)[0] == 0
+    code, _, err = run_wavg("combine", *files, "-o", f"s3://{BUCKET}/out/avg.keras", "--dry-run")
+    assert code == 0 and keys(client, "out/") == [], err  # a dry run uploads nothing
     code, out, err = run_wavg("combine", *files, "-o", f"s3://{BUCKET}/out/avg.keras")
     assert code == 0, err
     assert f"wrote s3://{BUCKET}/out/avg.keras" in out
