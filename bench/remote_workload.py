@@ -94,6 +94,7 @@ def run(root: Path, wavg: Path, keep: bool = False) -> list[str]:
     checkpoints are deleted afterwards unless `keep`."""
     checkpoints.ensure(root, [(REMOTE, "weights", FILES)])
     files = checkpoints.checkpoint_paths(root, REMOTE, "weights", FILES)
+    size = sum(p.stat().st_size for p in files)
     server, env = _server_env()
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
@@ -123,7 +124,6 @@ def run(root: Path, wavg: Path, keep: bool = False) -> list[str]:
     download = min(downloads)
     seconds, summary = min(runs, key=lambda r: r[0])
     tensor_bytes = summary["bytes_read"]  # averaged tensor bytes over all inputs
-    size = sum(p.stat().st_size for p in files)
     return [
         f"remote: {FILES} x {size / FILES / 1e6:.0f} MB .weights.h5 on an S3 server (moto, "
         f"127.0.0.1): bytes fetched / tensor bytes = {summary['bytes_fetched'] / tensor_bytes:.3f} "
