@@ -453,3 +453,11 @@ def test_an_empty_object_and_a_prefix_are_refused_by_name(s3, tmp_path):
     ]:
         code, _, err = run_wavg("combine", url, "-o", tmp_path / "avg.h5")
         assert_one_line_error(code, err, url, problem)
+
+
+def test_an_output_url_that_is_an_input_is_refused_before_any_request(s3):
+    _, recorder = s3
+    urls = [f"s3://{BUCKET}/same/model_{i}.h5" for i in (1, 2)]
+    code, _, err = run_wavg("combine", *urls, "-o", urls[1])
+    assert_one_line_error(code, err, "inputs are never overwritten", exit_code=2)
+    assert recorder.log == []
