@@ -416,6 +416,64 @@ def evaluate_command(
             click.echo(f"plot saved to {plot_path}", err=True)
 
 
+@cli.command("bn-update", no_args_is_help=True)
+@click.argument("avg")
+@click.option("--data", required=True, help="Training inputs: 'blobs' or FILE.npz (x_train).")
+@click.option("-o", "--output", required=True, help="Checkpoint to write (AVG's format).")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Batch size.")
+@click.option("--model", "model_file", default=None, help="Architecture for a .weights.h5 AVG.")
+@click.option("--custom-objects", default=None, help="Module defining the model's classes.")
+@click.option("--trust-file", is_flag=True, help="Load files even if they hold code.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
+def bn_update_command(
+    avg: str,
+    data: str,
+    output: str,
+    batch_size: int,
+    model_file: str | None,
+    custom_objects: str | None,
+    trust_file: bool,
+    as_json: bool,
+) -> None:
+    """Recompute the BatchNormalization statistics of AVG (an averaged model) on training data.
+
+    \b
+    Example:
+      wavg bn-update avg.keras --data train.npz -o avg_bn.keras
+    """
+    from wavg.bn_update import bn_update
+
+    result = bn_update(
+        avg,
+        data,
+        output,
+        model=model_file,
+        batch_size=batch_size,
+        custom_objects=custom_objects,
+        trust=trust_file,
+    )
+    if result.frozen:
+        click.echo(
+            f"wavg: note: left {len(result.frozen)} frozen BatchNormalization layer(s) "
+            f"alone (trainable=False): {', '.join(result.frozen)}",
+            err=True,
+        )
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+    elif result.output is None:
+        click.echo(
+            f"wavg: note: {avg} has no trainable BatchNormalization layer; nothing to "
+            f"recalibrate, {output} not written",
+            err=True,
+        )
+    else:
+        click.echo(
+            f"wrote {output} ({len(result.updated)} BatchNormalization layer(s) recalibrated "
+            f"on {result.samples} samples in {result.batches} batches, "
+            f"{_size(result.bytes_written)}) in {result.seconds:.2f} s"
+        )
+
+
 def _render_evaluation(result, metric: str) -> None:
     """`metric` per n and column; each column's best in bold with '*' (unless flat)."""
     from rich.console import Console

@@ -104,6 +104,11 @@ def check_fits_model(data: Dataset, input_shape: object, output_shape: object) -
         _check_shape(data, "y", data.y_test.shape[1:], output_shape, "output")
 
 
+def check_inputs_fit(data: Dataset, input_shape: object) -> None:
+    """Check that one training sample of x fits the model's input (for passes over x_train)."""
+    _check_shape(data, "x_train", data.x_train.shape[1:], input_shape, "input")
+
+
 def _check_shape(
     data: Dataset, which: str, sample: tuple[int, ...], model_shape: object, role: str
 ) -> None:
