@@ -19,6 +19,10 @@ from wavg.errors import WavgError
 BLOBS = "blobs"
 ARRAYS = ("x_train", "y_train", "x_test", "y_test")
 _CASE_STUDY_TRAIN = 100  # the first 100 of 1100 samples train; the other 1000 test
+_BLOBS_ARGS = {"n_samples": 1100, "centers": 3, "n_features": 2, "cluster_std": 2}
+_BLOBS_SEED = 2
+VALIDATION_SAMPLES = 1000
+_VALIDATION_SEED = 20221  # any seed but the case study's; fixed so the split never moves
 
 
 class DataError(WavgError):
@@ -48,11 +52,49 @@ def blobs() -> Dataset:
     """
     from sklearn.datasets import make_blobs
 
-    x, labels = make_blobs(n_samples=1100, centers=3, n_features=2, cluster_std=2, random_state=2)
+    x, labels = make_blobs(**_BLOBS_ARGS, random_state=_BLOBS_SEED)
     x = x.astype(np.float32)
     y = np.eye(3, dtype=np.float32)[labels]
     n = _CASE_STUDY_TRAIN
     return Dataset(BLOBS, x[:n], y[:n], x[n:], y[n:])
+
+
+def blobs_validation() -> Dataset:
+    """A held-out validation set for the case study, disjoint from its 1000 test points.
+
+    1000 fresh points drawn from the same three Gaussians (the case study's centers, standard
+    deviation 2) with another fixed seed, so choosing on them (``wavg soup``) never looks at
+    the test points ``evaluate`` reports. Its test arrays are the validation points; its
+    train arrays are the case study's 100 training points (for ``--bn-data``).
+    """
+    from sklearn.datasets import make_blobs
+
+    args = dict(_BLOBS_ARGS, n_samples=VALIDATION_SAMPLES)
+    _, _, centers = make_blobs(**_BLOBS_ARGS, random_state=_BLOBS_SEED, return_centers=True)
+    args["centers"] = centers
+    x, labels = make_blobs(**args, random_state=_VALIDATION_SEED)
+    train = blobs()
+    y = np.eye(3, dtype=np.float32)[labels]
+    return Dataset(f"{BLOBS} (validation)", train.x_train, train.y_train, x.astype(np.float32), y)
+
+
+def load_validation(spec: str | os.PathLike[str] | None = None) -> Dataset:
+    """The held-out data a soup is chosen on: ``"blobs"`` gives `blobs_validation`; a file's
+    ``x_test, y_test`` are its held-out split (it must not be the file evaluate reports on)."""
+    if spec is None or os.fspath(spec) == BLOBS:
+        return blobs_validation()
+    return load_npz(spec)
+
+
+def same_data_file(a: str | os.PathLike[str] | None, b: str | os.PathLike[str] | None) -> bool:
+    """Whether two data specs name the same file (built-in data never counts: its splits are
+    disjoint by construction)."""
+    if a is None or b is None or BLOBS in (os.fspath(a), os.fspath(b)):
+        return False
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
 
 
 def load_data(spec: str | os.PathLike[str] | None = None) -> Dataset:
