@@ -292,6 +292,14 @@ def _install_signal_handlers() -> None:
     default=None,
     help="Built-in model only: adam (default) or sgd (lr 0.01, momentum 0.9).",
 )
+@click.option(
+    "--lr",
+    "learning_rate",
+    type=float,
+    default=None,
+    help="Built-in model only: constant learning rate (adam 0.001, sgd 0.01).",
+)
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Batch size.")
 @click.option("--seed", type=int, default=None, help="Make the run deterministic.")
 @click.option(
     "--format",
@@ -302,7 +310,7 @@ def _install_signal_handlers() -> None:
     help="Checkpoint format: legacy .h5 model, .keras model, or .weights.h5.",
 )
 @click.option("--out-dir", default="checkpoints", show_default=True, help="Where to save.")
-@click.option("--data", default="blobs", show_default=True, help="'blobs' or FILE.npz.")
+@click.option("--data", default="blobs", show_default=True, help="'blobs', 'digits' or FILE.npz.")
 @click.option("--model", "model_file", default=None, help="Train this compiled FILE.keras.")
 @click.option("--custom-objects", default=None, help="Module defining the model's classes.")
 @click.option("--trust-file", is_flag=True, help="Load --model even if it holds code.")
@@ -311,6 +319,8 @@ def train_save_command(
     epochs: int,
     keep: int,
     optimizer: str | None,
+    learning_rate: float | None,
+    batch_size: int,
     seed: int | None,
     fmt: str,
     out_dir: str,
@@ -330,6 +340,8 @@ def train_save_command(
             epochs=epochs,
             keep=keep,
             optimizer=optimizer,
+            learning_rate=learning_rate,
+            batch_size=batch_size,
             seed=seed,
             fmt=fmt,
             data=data,

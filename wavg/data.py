@@ -17,6 +17,8 @@ import numpy as np
 from wavg.errors import WavgError
 
 BLOBS = "blobs"
+DIGITS = "digits"
+BUILT_IN = (BLOBS, DIGITS)
 ARRAYS = ("x_train", "y_train", "x_test", "y_test")
 _CASE_STUDY_TRAIN = 100  # the first 100 of 1100 samples train; the other 1000 test
 _BLOBS_ARGS = {"n_samples": 1100, "centers": 3, "n_features": 2, "cluster_std": 2}
@@ -79,17 +81,20 @@ def blobs_validation() -> Dataset:
 
 
 def load_validation(spec: str | os.PathLike[str] | None = None) -> Dataset:
-    """The held-out data a soup is chosen on: ``"blobs"`` gives `blobs_validation`; a file's
-    ``x_test, y_test`` are its held-out split (it must not be the file evaluate reports on)."""
+    """The held-out data a soup is chosen on: ``"blobs"`` and ``"digits"`` give their
+    validation splits; a file's ``x_test, y_test`` are its held-out split (it must not be the
+    file evaluate reports on)."""
     if spec is None or os.fspath(spec) == BLOBS:
         return blobs_validation()
+    if os.fspath(spec) == DIGITS:
+        return digits(validation=True)
     return load_npz(spec)
 
 
 def same_data_file(a: str | os.PathLike[str] | None, b: str | os.PathLike[str] | None) -> bool:
     """Whether two data specs name the same file (built-in data never counts: its splits are
     disjoint by construction)."""
-    if a is None or b is None or BLOBS in (os.fspath(a), os.fspath(b)):
+    if a is None or b is None or {os.fspath(a), os.fspath(b)} & set(BUILT_IN):
         return False
     try:
         return os.path.samefile(a, b)
@@ -97,10 +102,29 @@ def same_data_file(a: str | os.PathLike[str] | None, b: str | os.PathLike[str] |
         return os.path.abspath(a) == os.path.abspath(b)
 
 
+def digits(validation: bool = False) -> Dataset:
+    """scikit-learn's bundled 8x8 digits (1797 images, 10 classes), pixels scaled to [0, 1].
+
+    Fixed split in file order: 1000 train, 397 validation (``validation=True`` puts them in
+    the test arrays, for ``wavg soup``), 400 test.
+    """
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = (bunch.images[..., None] / 16.0).astype(np.float32)
+    y = np.eye(10, dtype=np.float32)[bunch.target]
+    held = slice(1000, 1397) if validation else slice(1397, None)
+    name = f"{DIGITS} (validation)" if validation else DIGITS
+    return Dataset(name, x[:1000], y[:1000], x[held], y[held])
+
+
 def load_data(spec: str | os.PathLike[str] | None = None) -> Dataset:
-    """``None`` or ``"blobs"`` gives the case study; anything else is read as an ``.npz`` file."""
+    """``None`` or ``"blobs"`` gives the case study, ``"digits"`` scikit-learn's digits;
+    anything else is read as an ``.npz`` file."""
     if spec is None or os.fspath(spec) == BLOBS:
         return blobs()
+    if os.fspath(spec) == DIGITS:
+        return digits()
     return load_npz(spec)
 
 

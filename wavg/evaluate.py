@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from wavg.combine import combine as wavg_combine
-from wavg.data import BLOBS, Dataset, load_data, load_validation, same_data_file
+from wavg.data import BLOBS, BUILT_IN, Dataset, load_data, load_validation, same_data_file
 from wavg.errors import CheckpointError, UsageError
 from wavg.model_loading import is_weights_only
 from wavg.ordering import epoch_numbers, order_checkpoints
@@ -288,8 +288,10 @@ def _held_out(
     """The data the greedy column chooses on: `soup_data`, or the blobs validation split when
     the table reports on the built-in data; never the data the table reports on."""
     if soup_data is None:
-        builtin = data is None or (not isinstance(data, Dataset) and os.fspath(data) == BLOBS)
-        return load_validation(BLOBS) if builtin else None
+        if data is None:
+            return load_validation(BLOBS)
+        builtin = not isinstance(data, Dataset) and os.fspath(data) in BUILT_IN
+        return load_validation(data) if builtin else None
     if isinstance(soup_data, Dataset):
         return soup_data
     if not isinstance(data, Dataset) and same_data_file(data, soup_data):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wavg.data import Dataset, check_fits_model, load_data
+from wavg.data import DIGITS, Dataset, check_fits_model, load_data
 from wavg.errors import OutputError, UsageError
 from wavg.model_loading import import_keras, load_model
 
@@ -116,13 +116,42 @@ def case_study_model(
         ],
         name="case_study",
     )
-    opt = (
-        keras.optimizers.SGD(learning_rate=learning_rate or 0.01, momentum=0.9, name="sgd")
-        if optimizer == "sgd"
-        else keras.optimizers.Adam(learning_rate=learning_rate or 0.001, name="adam")
+    net.compile(
+        loss="categorical_crossentropy",
+        optimizer=_optimizer(keras, optimizer, learning_rate),
+        metrics=["accuracy"],
     )
-    net.compile(loss="categorical_crossentropy", optimizer=opt, metrics=["accuracy"])
     return net
+
+
+def digits_model(keras: Any, optimizer: str = "adam", learning_rate: float | None = None) -> Any:
+    """A small Conv+BatchNorm net for the built-in digits data (the bn-update demo)."""
+    net = keras.Sequential(
+        [
+            keras.Input(shape=(8, 8, 1), name="image"),
+            keras.layers.Conv2D(16, 3, name="conv1"),
+            keras.layers.BatchNormalization(name="bn1"),
+            keras.layers.Activation("relu", name="relu1"),
+            keras.layers.Conv2D(32, 3, name="conv2"),
+            keras.layers.BatchNormalization(name="bn2"),
+            keras.layers.Activation("relu", name="relu2"),
+            keras.layers.GlobalAveragePooling2D(name="pool"),
+            keras.layers.Dense(10, activation="softmax", name="classes"),
+        ],
+        name="digits_convbn",
+    )
+    net.compile(
+        loss="categorical_crossentropy",
+        optimizer=_optimizer(keras, optimizer, learning_rate),
+        metrics=["accuracy"],
+    )
+    return net
+
+
+def _optimizer(keras: Any, optimizer: str, learning_rate: float | None) -> Any:
+    if optimizer == "sgd":
+        return keras.optimizers.SGD(learning_rate=learning_rate or 0.01, momentum=0.9, name="sgd")
+    return keras.optimizers.Adam(learning_rate=learning_rate or 0.001, name="adam")
 
 
 def _model(
@@ -134,6 +163,8 @@ def _model(
     trust: bool,
     learning_rate: float | None = None,
 ) -> Any:
+    if model is None and dataset.name == DIGITS:
+        return digits_model(keras, optimizer or "adam", learning_rate)
     if model is None:
         if dataset.x_train.shape[1:] != (2,) or dataset.y_train.shape[1:] != (3,):
             raise UsageError(
