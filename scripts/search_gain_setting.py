@@ -41,7 +41,7 @@ def run(setting: dict, seed: int, keep: int) -> dict[str, float]:
             learning_rate=setting["lr"],
             batch_size=setting["batch"],
         ).files
-        result = evaluate(files, data="blobs", schemes=["equal", "exp"])
+        result = evaluate(files, data="blobs", schemes=["equal", "exp"], greedy=False)
     rows = result.scores
     return {
         "last": rows[0]["single"]["accuracy"],
