@@ -333,3 +333,23 @@ def test_a_model_holding_code_is_refused_before_keras_loads_it(keras_module, mod
     code, _, stderr = run_wavg("bn-update", path, "--data", models["data"]["npz"], "-o", out)
     assert_one_line_error(code, stderr, "Lambda")
     assert not out.exists()
+
+
+def test_a_shared_layer_averages_over_every_call(keras_module, tmp_path):
+    keras = keras_module
+    inp = keras.Input((4,))
+    shared = keras.layers.BatchNormalization(name="shared_bn")
+    left = shared(keras.layers.Dense(3, name="a")(inp))
+    right = shared(keras.layers.Dense(3, name="b")(inp))
+    net = keras.Model(inp, keras.layers.Concatenate()([left, right]))
+    path, data = tmp_path / "shared.keras", tmp_path / "data.npz"
+    net.save(path)
+    x = np.random.default_rng(5).normal(size=(24, 4)).astype("float32")
+    np.savez(data, x_train=x, y_train=x, x_test=x, y_test=x)
+    out = tmp_path / "shared_bn.keras"
+    bn_update(path, data, out, batch_size=10)
+    hidden = [x @ w + b for w, b in (net.get_layer(n).get_weights() for n in ("a", "b"))]
+    batches = [h[s : s + 10].astype(np.float64) for h in hidden for s in (0, 10, 20)]
+    got = _stats(keras, out)["shared_bn"]
+    np.testing.assert_allclose(got[0], np.mean([b.mean(0) for b in batches], 0), rtol=1e-5)
+    np.testing.assert_allclose(got[1], np.mean([b.var(0) for b in batches], 0), rtol=1e-5)

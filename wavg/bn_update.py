@@ -211,7 +211,7 @@ def batch_statistics(
     Each layer's ``call`` is wrapped for the pass (and restored after): the wrapper records
     the statistics of the inputs it receives and calls the layer with ``training=True``.
     """
-    sums = [[0.0, 0.0] for _ in layers]
+    sums = [[0.0, 0.0, 0] for _ in layers]  # sum of batch means, of batch variances, calls
     for i, layer in enumerate(layers):
         layer.call = _recording_call(layer, sums[i])
     batches = 0
@@ -222,9 +222,13 @@ def batch_statistics(
     finally:
         for layer in layers:
             del layer.call
+    unused = [layer.name for layer, s in zip(layers, sums, strict=True) if s[2] == 0]
+    if unused:
+        raise UsageError(f"layer {unused[0]} is never called by the model; cannot recalibrate it")
     dtypes = [np.dtype(layer.moving_mean.dtype) for layer in layers]
-    means = [(s[0] / batches).astype(d) for s, d in zip(sums, dtypes, strict=True)]
-    variances = [(s[1] / batches).astype(d) for s, d in zip(sums, dtypes, strict=True)]
+    # A layer called several times per batch (a shared layer) averages over all its calls.
+    means = [(s[0] / s[2]).astype(d) for s, d in zip(sums, dtypes, strict=True)]
+    variances = [(s[1] / s[2]).astype(d) for s, d in zip(sums, dtypes, strict=True)]
     return means, variances, batches
 
 
@@ -243,6 +247,7 @@ def _recording_call(layer: Any, sums: list[Any]) -> Any:
         axes = tuple(i for i in range(values.ndim) if i != layer.axis % values.ndim)
         sums[0] = sums[0] + values.mean(axis=axes)
         sums[1] = sums[1] + values.var(axis=axes)
+        sums[2] += 1
         return original(inputs, training=True, mask=mask)
 
     return call
