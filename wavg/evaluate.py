@@ -6,6 +6,10 @@ For n = 1 ... N it scores, on the test split, with the model's own compiled loss
 - one column per weighting (``equal``, ``linear``, ``exp``, and ``exp(a=...)`` for each extra
   decay rate): the weight average of the n newest, made by `wavg.combine` into a temporary
   directory and loaded back, exactly as a user would;
+- ``<average>+bn`` (with ``bn_data``): each average after `wavg.bn_update` recomputed its
+  BatchNorm statistics;
+- ``greedy``: the greedy soup of the n newest (`wavg.soup`), chosen on held-out data, never
+  on the data the table reports;
 - ``ensemble``: the mean of the n newest checkpoints' predictions (output averaging, which
   needs all n models at prediction time).
 
