@@ -85,7 +85,10 @@ def models(tmp_path_factory, keras_module) -> dict[str, dict[str, Path]]:
     files: dict[str, dict[str, Path]] = {"data": {"npz": directory / "train.npz"}}
     for name, build in BUILDERS.items():
         net = build(keras)
-        net.compile(optimizer="adam", loss="categorical_crossentropy")
+        # A named optimizer: an unnamed one takes Keras' next automatic name (adam_1, ...),
+        # which would rename the optimizer state of files other tests make later.
+        optimizer = keras.optimizers.Adam(name=f"bn_test_{name}")
+        net.compile(optimizer=optimizer, loss="categorical_crossentropy")
         net.fit(x, y, epochs=1, batch_size=8, verbose=0)
         files[name] = {}
         for fmt in FORMATS:
