@@ -142,7 +142,7 @@ def _lambda_model(tmp_path):
     net = keras.Sequential(
         [keras.Input((2,)), keras.layers.Lambda(lambda t: t), keras.layers.Dense(3)]
     )
-    net.compile(loss="mse", metrics=["accuracy"])
+    net.compile(optimizer=keras.optimizers.SGD(name="lambda_sgd"), loss="mse", metrics=["accuracy"])
     path = tmp_path / "model_12.h5"
     net.save(path)
     return path
