@@ -158,7 +158,7 @@ def test_keras_side_commands_run_quietly_on_the_backend_keras_backend_selects(tm
         [sys.executable, "-c", script], capture_output=True, text=True, env=env, check=False
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads(done.stdout)["columns"] == ["single", "equal", "linear", "exp"]
+    assert {"single", "equal", "linear", "exp"} <= set(json.loads(done.stdout)["columns"])
     assert done.stderr.splitlines() == [backend]
 
 
