@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wavg.atomic import check_output_dir
+from wavg.atomic import check_output_parent
 from wavg.checkpoint import Checkpoint, Tensor, iter_blocks, open_checkpoint
 from wavg.errors import (
     CheckpointError,
@@ -174,7 +174,7 @@ def run_plan(
     started = time.perf_counter()
     out_path = Path(out)
     _refuse_output_among_inputs(out_path, plan.inputs)
-    check_output_dir(out_path)
+    check_output_parent(out_path)  # what the output may be is the format's to say, once opened
     inputs: list[Checkpoint] = []
     try:
         keep_open = len(plan.inputs) <= _descriptor_budget()
@@ -298,6 +298,7 @@ def _check_compatible(inputs: list[Checkpoint], out: Path) -> None:
             f"output {out} must end in {wanted} for {newest.layout.name} inputs (Keras picks "
             "the format from the name)"
         )
+    newest.check_output(out)
     expected = {n: t for n, t in newest.tensors.items() if t.averaged}
     for ckpt in inputs[:-1]:
         mine = {n: t for n, t in ckpt.tensors.items() if t.averaged}

@@ -2,10 +2,13 @@
 
 The format is recognised from the file's bytes, not its name: a zip archive is a ``.keras``
 model, an HDF5 file is a legacy ``.h5`` model, legacy weights or Keras 3 ``.weights.h5``
-(told apart by their layout, see `layouts`).
+(told apart by their layout, see `layouts`). Checkpoints of several files are recognised by
+content too: a JSON index is sharded weights, a folder an unzipped ``.keras`` model.
 """
 
 from __future__ import annotations
+
+import os
 
 from wavg.checkpoint.base import Checkpoint, Writer
 from wavg.checkpoint.hdf5 import Tensor, iter_blocks
@@ -20,8 +23,15 @@ _ZIP_SIGNATURE = b"PK\x03\x04"
 
 def open_checkpoint(path: str) -> Checkpoint:
     """Open `path` read-only and list its tensors; raises `CheckpointError` if it is unusable."""
+    folder = _open_folder(path)
+    if folder is not None:
+        return folder
     file = InputFile(path)
     try:
+        if _is_index(file):
+            from wavg.checkpoint.sharded import ShardedCheckpoint
+
+            return ShardedCheckpoint(file)
         kind = _sniff(file)
         if kind == "zip":
             from wavg.checkpoint.keras_zip import KerasCheckpoint
@@ -33,6 +43,27 @@ def open_checkpoint(path: str) -> Checkpoint:
     except BaseException:
         file.release()
         raise
+
+
+# -- checkpoints of several files: an unzipped .keras folder, a sharded weights index --------
+
+
+def _open_folder(path: str) -> Checkpoint | None:
+    """An unzipped .keras folder, or None for anything else (InputFile names a bare folder)."""
+    if not os.path.isdir(path):
+        return None
+    from wavg.checkpoint.keras_dir import KerasFolderCheckpoint, is_keras_folder
+
+    return KerasFolderCheckpoint(path) if is_keras_folder(path) else None
+
+
+def _is_index(file: InputFile) -> bool:
+    from wavg.checkpoint.shard_index import looks_like_index
+
+    return looks_like_index(file.read_at(0, min(64, file.size)))
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def _sniff(file: InputFile) -> str:
