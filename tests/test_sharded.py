@@ -1,0 +1,311 @@
+"""Sharded weights (``m.weights.json`` and its shards), written by Keras, averaged by wavg.
+
+Inputs are sharded differently (three ``max_shard_size`` values); the output is sharded like
+the newest, loads with ``model.load_weights``, and equals the numpy reference. Bad indexes
+are refused in one line with nothing written, and ``kill -9`` at random moments leaves the
+previous output or the complete new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import h5py
+import helpers_multifile as hm
+import helpers_safety as hs
+import numpy as np
+import pytest
+
+import wavg
+from wavg.errors import InputChanged
+from wavg.multifile import placeholder_bytes
+
+KILL_TRIALS = 16
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> hm.MultiRun:
+    return hm.multi_run(tmp_path_factory.mktemp("multi"))
+
+
+def copy_run(run: hm.MultiRun, directory: Path) -> list[Path]:
+    """The sharded checkpoints copied into `directory` (for tests that damage them)."""
+    for index in run.sharded:
+        shutil.copy(index, directory / index.name)
+        for name in hm.shard_names(index):
+            shutil.copy(index.parent / name, directory / name)
+    return [directory / index.name for index in run.sharded]
+
+
+def test_inputs_sharded_differently_average_to_the_reference_and_keras_loads_the_output(
+    run, tmp_path
+):
+    out = tmp_path / "avg.weights.json"
+    with hs.inputs_untouched(run.directory.iterdir()):
+        summary = wavg.combine(run.sharded, out)
+    assert summary.format == "weights.json" and summary.tensors == 10
+    # Sharded like the newest input: the same groups in the same number of shards.
+    newest = json.loads(run.sharded[-1].read_text())["weight_map"]
+    written = json.loads(out.read_text())["weight_map"]
+    assert list(written) == list(newest)
+    assert len(hm.shard_names(out)) == len(hm.shard_names(run.sharded[-1]))
+    assert [len(v) for v in written.values()] == [len(v) for v in newest.values()]
+    # Keras loads it, and every weight is the reference; the optimizer state is the newest's.
+    hm.assert_weights_equal(hm.load_weights_into_model(out), run.reference)
+    got = hm.sharded_tensors(out)
+    for name, value in run.newest_optimizer.items():
+        np.testing.assert_array_equal(got[name], value)
+    # Only the index, its shards and the placeholder Keras' loader opens first are written.
+    expected = {out.name, "avg_00000.weights.h5", *hm.shard_names(out)}
+    assert {p.name for p in tmp_path.iterdir()} == expected
+    assert (tmp_path / "avg_00000.weights.h5").read_bytes() == placeholder_bytes()
+
+
+def test_a_second_run_replaces_a_keras_written_output_and_removes_its_shards(run, tmp_path):
+    import keras
+
+    out = tmp_path / "avg.weights.json"
+    model = hm.build_model(keras)
+    model.optimizer.build(model.trainable_variables)
+    model.save_weights(out, max_shard_size=0.0105)  # the previous output: Keras' own shards
+    assert len(hm.shard_names(out)) >= 3
+    wavg.combine(run.sharded, out)
+    first = hm.shard_names(out)
+    wavg.combine(run.sharded, out, drop_optimizer=True)
+    names = hm.shard_names(out)
+    assert not set(names) & set(first)
+    assert {p.name for p in tmp_path.iterdir()} == {out.name, "avg_00000.weights.h5", *names}
+    assert (tmp_path / "avg_00000.weights.h5").read_bytes() == placeholder_bytes()
+    assert not any("optimizer" in name for name in hm.sharded_tensors(out))
+    index = json.loads(out.read_text())
+    assert index["metadata"]["total_size"] == sum(r.nbytes for r in run.reference)
+
+
+def test_a_dry_run_checks_every_shard_and_writes_nothing(run, tmp_path):
+    out = tmp_path / "avg.weights.json"
+    summary = wavg.combine(run.sharded, out, dry_run=True)
+    assert summary.dry_run and summary.tensors == 10
+    assert list(tmp_path.iterdir()) == []
+
+
+def _damage(kind: str, inputs: list[Path], directory: Path) -> tuple[Path, list[str]]:
+    """Damage the newest input as `kind` says; return the file to name and words to expect."""
+    index = inputs[-1]
+    document = json.loads(index.read_text())
+    weight_map = document["weight_map"]
+    shards = hm.shard_names(index)
+    first_group = next(iter(weight_map))
+    if kind == "missing_shard":
+        (directory / shards[1]).unlink()
+        return index, [shards[1], "missing"]
+    if kind in ("parent_dir", "absolute", "drive", "backslash"):
+        name = {
+            "parent_dir": "../" + shards[0],
+            "absolute": str(directory / shards[0]),
+            "drive": "C:" + shards[0],
+            "backslash": "..\\" + shards[0],
+        }[kind]
+        weight_map[first_group] = [name]
+        index.write_text(json.dumps(document))
+        return index, ["not a plain file name"]
+    if kind == "symlink_out":
+        outside = directory / "outside"
+        outside.mkdir()
+        target = outside / shards[0]
+        (directory / shards[0]).rename(target)
+        (directory / shards[0]).symlink_to(target)
+        return index, [shards[0], "symlink"]
+    if kind == "tensor_twice":
+        twin = directory / "twin.weights.h5"
+        shutil.copy(directory / shards[0], twin)
+        weight_map[first_group] = [shards[0], twin.name]
+        index.write_text(json.dumps(document))
+        return twin, ["also in"]
+    if kind == "group_unlisted":
+        del weight_map[first_group]
+        index.write_text(json.dumps(document))
+        return directory / shards[0], ["does not list"]
+    if kind == "wrong_shard":
+        weight_map[first_group] = [shards[0], shards[-1]]
+        index.write_text(json.dumps(document))
+        return index, [first_group, "holds no tensor"]
+    if kind == "same_file_twice":
+        os.link(directory / shards[0], directory / "alias.weights.h5")
+        weight_map[first_group] = [shards[0], "alias.weights.h5"]
+        index.write_text(json.dumps(document))
+        return index, ["one file"]
+    if kind == "duplicate_key":
+        text = index.read_text().replace("{", '{"weight_map": {}, ', 1)
+        index.write_text(text)
+        return index, ["appears twice"]
+    if kind == "not_json":
+        index.write_bytes(b"{ this is not json")
+        return index, ["not a valid sharded weights index"]
+    if kind == "shard_not_hdf5":
+        (directory / shards[1]).write_bytes(b"\0" * 4096)
+        return directory / shards[1], ["HDF5"]
+    raise AssertionError(kind)
+
+
+BAD_INDEXES = [
+    "missing_shard",
+    "parent_dir",
+    "absolute",
+    "drive",
+    "backslash",
+    "symlink_out",
+    "tensor_twice",
+    "group_unlisted",
+    "wrong_shard",
+    "same_file_twice",
+    "duplicate_key",
+    "not_json",
+    "shard_not_hdf5",
+]
+
+
+@pytest.mark.parametrize("kind", BAD_INDEXES)
+def test_a_bad_index_or_shard_is_refused_in_one_line_naming_the_file(kind, run, tmp_path, capfd):
+    inputs_dir = tmp_path / "in"
+    inputs_dir.mkdir()
+    inputs = copy_run(run, inputs_dir)
+    named, words = _damage(kind, inputs, inputs_dir)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    with hs.inputs_untouched([p for p in inputs_dir.iterdir() if p.is_file()]):
+        result = hs.run_cli(["combine", *inputs, "-o", out_dir / "avg.weights.json"], capfd)
+    line = hs.assert_one_line_error(result, [named])
+    for word in words:
+        assert word in line, line
+    assert list(out_dir.iterdir()) == []
+
+
+def test_a_shard_replaced_during_the_run_is_refused_and_nothing_is_written(run, tmp_path):
+    inputs = copy_run(run, tmp_path)
+    shard = tmp_path / hm.shard_names(inputs[0])[0]
+    out = tmp_path / "avg.weights.json"
+
+    def replace_shard(summary) -> None:
+        replacement = tmp_path / "replacement"
+        shutil.copy(shard, replacement)
+        os.replace(replacement, shard)
+
+    plan = wavg.plan_combine(inputs)
+    with pytest.raises(InputChanged, match="changed while it was being read") as caught:
+        wavg.run_plan(plan, out, on_ready=replace_shard)
+    assert str(shard) in str(caught.value)
+    assert not out.exists() and hs.leftovers(tmp_path) == []
+    assert not any(".wavg-" in p.name for p in tmp_path.iterdir())
+
+
+def test_sharded_and_single_file_inputs_are_not_mixed(run, tmp_path, capfd):
+    import keras
+
+    single = tmp_path / "ep9.weights.h5"
+    model = hm.build_model(keras)
+    model.optimizer.build(model.trainable_variables)
+    model.save_weights(single)
+    result = hs.run_cli(
+        ["combine", single, run.sharded[-1], "-o", tmp_path / "a.weights.json"], capfd
+    )
+    hs.assert_one_line_error(result, [single, "format"])
+
+
+def test_the_output_must_be_named_like_an_index(run, tmp_path, capfd):
+    result = hs.run_cli(["combine", *run.sharded, "-o", tmp_path / "avg.weights.h5"], capfd)
+    hs.assert_one_line_error(result, [".weights.json"], code=2)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_kill_9_at_random_moments_leaves_the_previous_output_or_the_complete_new_one(run, tmp_path):
+    import keras
+
+    out = tmp_path / "avg.weights.json"
+    model = hm.build_model(keras)
+    model.optimizer.build(model.trainable_variables)
+    model.save_weights(out, max_shard_size=0.0105)  # a previous output written by Keras
+    previous = hm.output_state(out)
+    rng = random.Random(9)
+    outcomes = {"previous": 0, "complete": 0}
+    killed: list[int] = []
+    for trial in range(KILL_TRIALS):
+        proc = hm.start_combine(run.sharded, out)
+        if trial % 2:  # anywhere in the run, start-up included
+            time.sleep(rng.uniform(0.0, 1.0))
+        elif hm.wait_for(lambda: hm.writing(tmp_path, proc), proc):  # while it writes
+            time.sleep(rng.uniform(0.0, 0.6))
+        hm.terminate(proc)
+        killed.append(proc.pid)
+        # Keras' loader can open whatever is there: the placeholder and every named shard.
+        with h5py.File(tmp_path / "avg_00000.weights.h5", "r"):
+            pass
+        state = hm.output_state(out)
+        if state == previous:
+            outcomes["previous"] += 1
+        else:
+            got = hm.sharded_tensors(out)
+            assert set(got) == set(hm.sharded_tensors(run.sharded[-1]))
+            outcomes["complete"] += 1
+            previous = state
+        # Nothing but the output and a killed run's own files.
+        pattern = hm.killed_run_files(tmp_path, out, killed)
+        for path in tmp_path.iterdir():
+            assert (
+                path.name in state
+                or path.name == "avg_00000.weights.h5"
+                or (pattern.fullmatch(path.name))
+            ), path.name
+    # The next run removes what the killed ones left and writes the average.
+    result = hs.run_wavg(["combine", *run.sharded, "-o", out])
+    assert result.code == 0, result.stderr
+    assert {p.name for p in tmp_path.iterdir()} == {
+        out.name,
+        "avg_00000.weights.h5",
+        *hm.shard_names(out),
+    }
+    assert (tmp_path / "avg_00000.weights.h5").read_bytes() == placeholder_bytes()
+    hm.assert_weights_equal(hm.load_weights_into_model(out), run.reference)
+    assert outcomes["previous"] > 0
+    print(f"kill -9 trials on a sharded output: {outcomes}")
+
+
+def test_dying_before_each_step_of_the_commit_leaves_a_loadable_previous_or_new_output(
+    run, tmp_path
+):
+    import keras
+
+    out = tmp_path / "avg.weights.json"
+    model = hm.build_model(keras)
+    model.optimizer.build(model.trainable_variables)
+    model.save_weights(out, max_shard_size=0.0105)
+    outcomes = {"previous": 0, "complete": 0}
+    step = 0
+    while True:
+        step += 1
+        before = hm.output_state(out)
+        proc = hm.run_dying_at(step, run.sharded, out)
+        if proc.returncode == 0:
+            break
+        assert proc.returncode == 137, proc.stderr
+        with h5py.File(tmp_path / "avg_00000.weights.h5", "r"):
+            pass
+        state = hm.output_state(out)
+        if state != before:
+            hm.assert_weights_equal(hm.load_weights_into_model(out), run.reference)
+        outcomes["previous" if state == before else "complete"] += 1
+    assert outcomes["previous"] > 5 and outcomes["complete"] > 0, outcomes
+    # The run that went through, then the next one, leave only the output.
+    result = hs.run_wavg(["combine", *run.sharded, "-o", out])
+    assert result.code == 0, result.stderr
+    assert {p.name for p in tmp_path.iterdir()} == {
+        out.name,
+        "avg_00000.weights.h5",
+        *hm.shard_names(out),
+    }
+    hm.assert_weights_equal(hm.load_weights_into_model(out), run.reference)
+    print(f"died before each of {step} steps: {outcomes}")
