@@ -141,16 +141,12 @@ def start_combine(inputs, out: Path) -> subprocess.Popen:
     )
 
 
-def writing(directory: Path, proc: subprocess.Popen) -> bool:
-    """Whether the run `proc` has begun its output (its marker or temporary folder exists)."""
-    return any(f".wavg-tmp-{proc.pid}-" in name for name in os.listdir(directory))
-
-
-def wait_for(predicate, proc: subprocess.Popen, limit: float = 60) -> bool:
-    """Wait until `predicate()` holds (True) or the run has ended (False)."""
+def wait_until_writing(directory: Path, proc: subprocess.Popen, limit: float = 60) -> bool:
+    """Wait until the run `proc` has begun its output (True: its marker or temporary folder
+    exists) or has ended (False)."""
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
-        if predicate():
+        if any(f".wavg-tmp-{proc.pid}-" in name for name in os.listdir(directory)):
             return True
         if proc.poll() is not None:
             return False

@@ -237,7 +237,7 @@ def test_kill_9_at_random_moments_leaves_the_previous_output_or_the_complete_new
         proc = hm.start_combine(run.sharded, out)
         if trial % 2:  # anywhere in the run, start-up included
             time.sleep(rng.uniform(0.0, 1.0))
-        elif hm.wait_for(lambda: hm.writing(tmp_path, proc), proc):  # while it writes
+        elif hm.wait_until_writing(tmp_path, proc):  # while it writes
             time.sleep(rng.uniform(0.0, 0.6))
         hm.terminate(proc)
         killed.append(proc.pid)
