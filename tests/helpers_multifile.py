@@ -128,7 +128,11 @@ def output_state(out: Path) -> dict[str, str]:
 
 
 def folder_state(out: Path) -> dict[str, str]:
-    return {p.name: hs.sha256(p) for p in sorted(out.iterdir())}
+    """sha256 of every file of a model folder (sub-folders walked), by relative path."""
+    return {
+        str(p.relative_to(out)): "folder" if p.is_dir() else hs.sha256(p)
+        for p in sorted(out.rglob("*"))
+    }
 
 
 def start_combine(inputs, out: Path) -> subprocess.Popen:
@@ -208,13 +212,15 @@ class DyingOs:
         return dying(found) if name in steps else found
 
 wavg.multifile.os = wavg.atomic.os = DyingOs()
+if os.environ.get("WAVG_TEST_NO_EXCHANGE"):  # a file system that cannot swap two folders
+    wavg.multifile._exchange = lambda a, b: False
 wavg.multifile._exchange = dying(wavg.multifile._exchange)
 wavg.combine(sys.argv[3:], sys.argv[2])
 print(count[0])
 """
 
 
-def run_dying_at(step: int, inputs, out: Path) -> subprocess.CompletedProcess:
+def run_dying_at(step: int, inputs, out: Path, env=None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [hs.WAVG[0], "-c", STEP_DRIVER, str(step), str(out), *map(str, inputs)],
         capture_output=True,
@@ -222,4 +228,5 @@ def run_dying_at(step: int, inputs, out: Path) -> subprocess.CompletedProcess:
         cwd=hs.ROOT,
         timeout=120,
         check=False,
+        env=env,
     )

@@ -309,3 +309,19 @@ def test_dying_before_each_step_of_the_commit_leaves_a_loadable_previous_or_new_
     }
     hm.assert_weights_equal(hm.load_weights_into_model(out), run.reference)
     print(f"died before each of {step} steps: {outcomes}")
+
+
+def test_shards_past_the_open_descriptor_budget_are_reopened_per_read_with_the_same_result(
+    run, tmp_path, monkeypatch
+):
+    from wavg.checkpoint import composite
+
+    kept = tmp_path / "kept.weights.json"
+    wavg.combine(run.sharded, kept)
+    monkeypatch.setattr(composite, "PARTS_KEPT_OPEN", 1)
+    reopened = tmp_path / "reopened.weights.json"
+    wavg.combine(run.sharded, reopened)
+    first, second = hm.sharded_tensors(kept), hm.sharded_tensors(reopened)
+    assert first.keys() == second.keys()
+    for name, value in first.items():
+        np.testing.assert_array_equal(second[name], value)

@@ -52,7 +52,8 @@ class KerasFolderCheckpoint(CompositeCheckpoint):
                 raise CheckpointError(path, f"not a Keras model folder: no {needed}{hint}")
         self.copies: list[tuple[str, InputFile]] = []
         try:
-            for relative in _copied_files(folder, names - {WEIGHTS}):
+            self.folders, files = _copied_files(folder, names - {WEIGHTS})
+            for relative in files:
                 file = _open_inside(folder, relative, path)
                 file.release()  # reopened (and re-identified) when copied
                 self.copies.append((relative, file))
@@ -86,22 +87,21 @@ class KerasFolderCheckpoint(CompositeCheckpoint):
                 writer.close()
 
     def _copy_into(self, tmp: Path) -> int:
-        total = 0
-        for relative, file in self.copies:
-            target = tmp / relative
-            target.parent.mkdir(parents=True, exist_ok=True)
-            total += _copy_file(file, target)
-        return total
+        for relative in self.folders:
+            os.mkdir(tmp / relative, 0o755)
+        return sum(_copy_file(file, tmp / relative) for relative, file in self.copies)
 
 
-def _copied_files(folder: Path, names: set[str]) -> list[str]:
-    """Every file of the folder in `names` (directories walked), as paths relative to it."""
+def _copied_files(folder: Path, names: set[str]) -> tuple[list[str], list[str]]:
+    """The sub-folders and files of the folder in `names` (walked), relative to it."""
     found: list[str] = []
+    folders: list[str] = []
     pending = sorted(names)
     while pending:
         relative = pending.pop(0)
         mode = os.lstat(folder / relative).st_mode
         if stat.S_ISDIR(mode):
+            folders.append(relative)
             pending.extend(f"{relative}/{child}" for child in sorted(os.listdir(folder / relative)))
         elif stat.S_ISREG(mode) or stat.S_ISLNK(mode):
             found.append(relative)
@@ -109,7 +109,7 @@ def _copied_files(folder: Path, names: set[str]) -> list[str]:
             raise UnsafeCheckpoint(str(folder), f"{relative} is not a regular file")
         if len(found) + len(pending) > MAX_COPIED_FILES:
             raise UnsafeCheckpoint(str(folder), f"holds over {MAX_COPIED_FILES} files")
-    return found
+    return folders, found
 
 
 def _open_inside(folder: Path, relative: str, path: str) -> InputFile:
