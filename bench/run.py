@@ -24,6 +24,7 @@ import measure
 import plots
 import report
 import runner
+import sharded
 import targets
 from machine import describe
 from results import Row, write_csv
@@ -43,7 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="NAME",
-        help="cell or group (scale, ref, formats, many, sample, fds); repeat or comma-separate",
+        help="cell or group (scale, ref, formats, many, sample, fds, sharded); repeat or "
+        "comma-separate",
     )
     parser.add_argument("--keep", action="store_true", help="keep generated checkpoints")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "out", help="scratch directory")
@@ -152,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     _interrupt_on_sigterm()
     selectors = [s for item in args.only for s in item.split(",") if s]
     cells = [c for c in (quick_cells() if args.quick else full_cells()) if c.matches(selectors)]
-    if args.list or not cells:
+    if args.list or not (cells or sharded.wanted(selectors)):
         print("\n".join(f"{c.name:28} groups={','.join(c.groups)}" for c in cells) or "no cell")
         return 0 if cells else 2
     partial = args.quick or bool(selectors)
@@ -180,6 +182,11 @@ def main(argv: list[str] | None = None) -> int:
                     notes.append(f"{cell.name}: {note}")
             release(args.out, cell, remaining, args.keep)
             emit(rows, results_dir, notes, draw=False)
+        if sharded.wanted(selectors):
+            print(f"[{time.perf_counter() - started:6.0f} s] sharded", file=sys.stderr)
+            notes.append(
+                sharded.run(ctx.wavg, args.out, results_dir, args.quick, ctx.budget_s, args.keep)
+            )
     except KeyboardInterrupt:
         notes.append("run interrupted: cells after the last row were not measured")
     notes.append(f"total harness time {time.perf_counter() - started:.0f} s")
