@@ -3,8 +3,8 @@
 No rename covers several files, so each output has one atomic step as its commit point (the
 index replaced with ``os.replace``; the folder swapped with ``renameat2(RENAME_EXCHANGE)``),
 everything it refers to is written and fsynced first, and what the previous output needed is
-deleted only afterwards. This module never deletes a file that the output's current index
-names, nor any file outside the output's own name family.
+deleted only afterwards. This module never deletes a file that an index in the output's
+folder names, nor any file outside the output's own name family.
 
 Sharded output ``<dir>/<base>.weights.json``:
 
@@ -14,8 +14,9 @@ Sharded output ``<dir>/<base>.weights.json``:
   always exists: an empty HDF5 placeholder that the index does not name (or the previous
   output's first shard until the commit);
 - the marker lists the previous output's shards that become stale, so a run killed after its
-  commit has them removed by the next run; a run killed before it leaves only files whose
-  token no living marker claims and no index names, which the next run removes too.
+  commit has them removed by the next run; a run killed before it leaves shards bearing its
+  marker's token, which no index names, and the next run removes those too. Shards of other
+  indexes (an output renamed to keep it, say) carry no dead run's token and are never touched.
 """
 
 from __future__ import annotations
@@ -114,7 +115,8 @@ class ShardedOutput:
         written += _write_synced(self._index_tmp, index, self)
         old = index_names(self.out)
         new = set(parse_index(index, str(self.out)).shards)
-        self._stale = sorted(n for n in (old or ()) if n not in new and self.owns(n))
+        pattern = _shard_pattern(self.base)
+        self._stale = sorted(n for n in (old or ()) if n not in new and pattern.fullmatch(n))
         _write_synced(self.marker, json.dumps(self._stale).encode(), None)
         fsync_directory(self.out.parent)  # the shards' names before the index's
         return written
@@ -127,12 +129,6 @@ class ShardedOutput:
             raise OutputError(self.out, f"cannot rename into place ({exc.strerror})") from None
         self.committed = True
         fsync_directory(self.out.parent)
-
-    def owns(self, name: str) -> bool:
-        """Whether `name` is one of this output's shard names (Keras' or wavg's form)."""
-        if name == placeholder_name(self.out):
-            return False
-        return _shard_pattern(self.base).fullmatch(name) is not None
 
     def _ensure_placeholder(self) -> int:
         path = self.out.parent / placeholder_name(self.out)
@@ -156,10 +152,7 @@ class ShardedOutput:
             return
         # The new output is in place; tidying up is best effort (the next run finishes it).
         with contextlib.suppress(OSError):
-            for name in self._stale:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.out.parent / name)
-            shrink_placeholder(self.out, index_names(self.out))
+            retire(self.out, self._stale)
             fsync_directory(self.out.parent)
             os.unlink(self.marker)
 
@@ -205,55 +198,76 @@ def index_names(out: Path) -> set[str] | None:
         return None
 
 
-def clean_sharded_leftovers(out: Path) -> None:
-    """Remove what killed runs for `out` left behind, never what its index names.
+def names_in_use(out: Path) -> set[str] | None:
+    """Every shard name that an index in `out`'s folder names (`out`'s own included), or
+    None if `out`'s index cannot be read. Shards live beside their index, so this covers the
+    shards of every input in this folder, and of an index copied or renamed there."""
+    used = index_names(out)
+    if used is None:
+        return None
+    for entry in os.listdir(out.parent):
+        path = out.parent / entry
+        if entry == out.name or not entry.endswith(".json") or not path.is_file():
+            continue
+        used |= index_names(path) or set()
+    return used
 
-    The order matters: the directory is listed first, then the markers' owners are checked,
-    then the index is read; a shard seen in the listing whose run has since committed is
-    then named by the index that is read.
+
+def retire(out: Path, names: list[str]) -> None:
+    """Remove shards the previous output needed and no index in the folder names now; its
+    ``<base>_00000.weights.h5`` becomes the placeholder instead (Keras' loader opens it)."""
+    used = names_in_use(out)
+    if used is None:
+        return
+    for name in names:
+        if name in used:
+            continue
+        if name == placeholder_name(out):
+            _replace_with_placeholder(out)
+        else:
+            _unlink(out.parent / name)
+
+
+def clean_sharded_leftovers(out: Path) -> None:
+    """Finish or undo what killed runs for `out` left: their marker names them.
+
+    A killed run's marker (``.<name>.wavg-tmp-<pid>-<token>``, its process gone) gives its
+    token, so its unfinished shards are known, and lists the previous output's shards it
+    made stale if it got as far as its commit. Neither kind is removed while an index in
+    the folder names it. Markers are read before the indexes: a shard whose run committed
+    in between is then named by the index that is read.
     """
     directory = out.parent
-    base = keras_base(out.name)
-    entries = os.listdir(directory)
     marker = re.compile(rf"\.{re.escape(out.name)}{re.escape(TMP_MARKER)}(\d+)-([0-9a-f]+)")
-    live: set[str] = set()
-    dead: list[str] = []
-    for entry in entries:
-        found = marker.fullmatch(entry)
-        if found:
-            if _alive(int(found.group(1))):
-                live.add(found.group(2))
-            else:
-                dead.append(entry)
-    named = index_names(out)
-    if named is not None:
-        own = _own_pattern(base)
-        for entry in entries:
+    dead = [
+        (entry, found.group(2))
+        for entry in os.listdir(directory)
+        if (found := marker.fullmatch(entry)) and not _alive(int(found.group(1)))
+    ]
+    if dead:
+        used = names_in_use(out)
+        if used is None:
+            return  # an index we cannot read may need anything: leave everything
+        own = _own_pattern(keras_base(out.name))
+        tokens = {token for _, token in dead}
+        for entry in os.listdir(directory):
             found = own.fullmatch(entry)
-            if found and found.group(1) not in live and entry not in named:
+            if found and found.group(1) in tokens and entry not in used:
                 _unlink(directory / entry)
-        pattern = _shard_pattern(base)
-        for entry in dead:
-            for name in _stale_list(directory / entry):
-                if pattern.fullmatch(name) and name not in named and name != placeholder_name(out):
-                    _unlink(directory / name)
-        shrink_placeholder(out, named)
-    for entry in dead:
-        _unlink(directory / entry)
+        for entry, _ in dead:
+            retire(out, _stale_list(directory / entry))
+            _unlink(directory / entry)
     remove_stale_temps(out)
 
 
-def shrink_placeholder(out: Path, named: set[str] | None) -> None:
-    """Replace a previous output's first shard, once no index names it, by the placeholder."""
+def _replace_with_placeholder(out: Path) -> None:
     path = out.parent / placeholder_name(out)
     empty = placeholder_bytes()
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return
-    if named is None or path.name in named or not stat.S_ISREG(st.st_mode):
-        return
-    if st.st_size == len(empty):
+    if not stat.S_ISREG(st.st_mode) or st.st_size == len(empty):
         return
     tmp = Path(f"{temp_prefix(out)}{os.getpid()}-{secrets.token_hex(4)}-placeholder")
     try:
@@ -270,12 +284,16 @@ def shrink_placeholder(out: Path, named: set[str] | None) -> None:
 
 
 def _stale_list(marker: Path) -> list[str]:
+    """The names a killed run's marker lists, if they are this output's shard names."""
     try:
         with open(marker, "rb") as f:
             data = json.loads(f.read(MAX_INDEX_BYTES))
     except (OSError, ValueError):
         return []
-    return [n for n in data if isinstance(n, str)] if isinstance(data, list) else []
+    if not isinstance(data, list):
+        return []
+    pattern = _shard_pattern(keras_base(marker.name.split(TMP_MARKER)[0][1:]))
+    return [n for n in data if isinstance(n, str) and pattern.fullmatch(n)]
 
 
 def _unlink(path: Path) -> None:
