@@ -176,3 +176,9 @@ def test_dying_before_each_step_leaves_the_previous_folder_or_the_new_one(swap, 
     assert [p.name for p in tmp_path.iterdir()] == ["avg"]
     hm.assert_weights_equal(hm.load_weights_into_model(out), run.reference)
     print(f"{swap}: died before each of {step} steps: {outcomes}")
+
+
+def test_an_output_folder_named_like_an_archive_is_a_usage_error(run, tmp_path, capfd):
+    result = hs.run_cli(["combine", *run.folders, "-o", tmp_path / "avg.keras"], capfd)
+    hs.assert_one_line_error(result, [".keras"], code=2)
+    assert list(tmp_path.iterdir()) == []

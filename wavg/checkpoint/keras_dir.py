@@ -18,7 +18,7 @@ from wavg.checkpoint.base import Writer
 from wavg.checkpoint.composite import CompositeCheckpoint, PartsWriter
 from wavg.checkpoint.inputfile import InputFile
 from wavg.checkpoint.layouts import KERAS3_WEIGHTS, KERAS_FOLDER
-from wavg.errors import CheckpointError, UnsafeCheckpoint
+from wavg.errors import CheckpointError, UnsafeCheckpoint, UsageError
 from wavg.multifile import check_output_folder, folder_output
 
 WEIGHTS = "model.weights.h5"
@@ -71,6 +71,11 @@ class KerasFolderCheckpoint(CompositeCheckpoint):
             raise
 
     def check_output(self, out: Path) -> None:
+        if out.name.lower().endswith(".keras"):
+            raise UsageError(
+                f"output {out} would be a folder, but Keras reads a name ending in .keras as an "
+                "archive; pick a name without it"
+            )
         check_output_folder(out)
 
     @contextlib.contextmanager
