@@ -12,6 +12,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -308,17 +309,37 @@ def test_dying_before_each_step_of_the_commit_leaves_a_loadable_previous_or_new_
     print(f"died before each of {step} steps: {outcomes}")
 
 
-def test_shards_past_the_open_descriptor_budget_are_reopened_per_read_with_the_same_result(
+def test_shards_past_the_descriptor_budget_are_reopened_per_read_with_the_same_result(
     run, tmp_path, monkeypatch
 ):
     from wavg.checkpoint import composite
 
     kept = tmp_path / "kept.weights.json"
     wavg.combine(run.sharded, kept)
-    monkeypatch.setattr(composite, "PARTS_KEPT_OPEN", 1)
+    monkeypatch.setattr(composite, "OPEN_PARTS", composite.DescriptorBudget())
+    monkeypatch.setattr(composite.OPEN_PARTS, "_left", 0)
     reopened = tmp_path / "reopened.weights.json"
     wavg.combine(run.sharded, reopened)
     first, second = hm.sharded_tensors(kept), hm.sharded_tensors(reopened)
     assert first.keys() == second.keys()
     for name, value in first.items():
         np.testing.assert_array_equal(second[name], value)
+
+
+def test_sigterm_while_writing_removes_what_the_run_wrote_and_keeps_the_previous_output(
+    run, tmp_path
+):
+    out = tmp_path / "avg.weights.json"
+    wavg.combine(run.sharded, out)
+    previous = hm.output_state(out)
+    for _ in range(3):  # the output may appear late on a busy machine: retry
+        proc = hm.start_combine(run.sharded, out)
+        started = hm.wait_until_writing(tmp_path, proc)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+        if started and proc.returncode != 0:
+            break
+    assert proc.returncode == 143, stderr
+    assert "SIGTERM" in stderr and "Traceback" not in stderr
+    assert hm.output_state(out) == previous
+    assert {p.name for p in tmp_path.iterdir()} == {*previous, "avg_00000.weights.h5"}

@@ -9,6 +9,7 @@ This module never parses an index or a folder and never commits an output: its s
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -20,10 +21,46 @@ from wavg.checkpoint.inputfile import InputFile
 from wavg.checkpoint.layouts import Layout
 from wavg.errors import CheckpointError
 
-# Parts whose descriptors stay open between reads; beyond this a part reopens (and
-# re-identifies) its file for each read, so a model of hundreds of shards times hundreds of
-# inputs never runs out of descriptors.
-PARTS_KEPT_OPEN = 16
+
+class DescriptorBudget:
+    """How many part files, over all open checkpoints, may keep a descriptor between reads.
+
+    Beyond it a checkpoint's parts reopen (and re-identify) their file for each read, so a
+    model of hundreds of shards times hundreds of inputs never runs out of descriptors. Half
+    the open-files limit is left to everything else (the core's own per-input budget).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._left: int | None = None
+
+    def _initial(self) -> int:
+        try:
+            import resource
+
+            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        except (ImportError, OSError, ValueError):
+            return 64
+        if soft == resource.RLIM_INFINITY:
+            return 4096
+        return max(0, soft // 2 - 64)
+
+    def take(self, count: int) -> bool:
+        with self._lock:
+            if self._left is None:
+                self._left = self._initial()
+            if count > self._left:
+                return False
+            self._left -= count
+            return True
+
+    def give_back(self, count: int) -> None:
+        with self._lock:
+            if self._left is not None:
+                self._left += count
+
+
+OPEN_PARTS = DescriptorBudget()
 
 
 class PartFiles:
@@ -73,8 +110,9 @@ class CompositeCheckpoint(Checkpoint):
         self._owner: dict[str, H5Checkpoint] = {}
         self._extra_files = extra_files
         self.file = PartFiles(path, list(extra_files), parts_open=True)
+        self._reserved = 0
 
-    def _open_part(self, name: str, file: InputFile, layout: Layout) -> H5Checkpoint:
+    def _open_part(self, file: InputFile, layout: Layout) -> H5Checkpoint:
         """Open one part as an HDF5 checkpoint; its errors name its own file."""
         part = H5Checkpoint(file, layout)
         part.trim()
@@ -82,7 +120,8 @@ class CompositeCheckpoint(Checkpoint):
 
     def _set_parts(self, parts: list[tuple[str, H5Checkpoint]]) -> None:
         self.parts = parts
-        parts_open = len(parts) <= PARTS_KEPT_OPEN
+        parts_open = OPEN_PARTS.take(len(parts))
+        self._reserved = len(parts) if parts_open else 0
         for _, part in parts:
             for name, tensor in part.tensors.items():
                 if name in self._owner:
@@ -122,6 +161,8 @@ class CompositeCheckpoint(Checkpoint):
     def close(self) -> None:
         for _, part in self.parts:
             part.close()
+        OPEN_PARTS.give_back(self._reserved)
+        self._reserved = 0
         for file in self._extra_files:
             file.keep_open = False
             file.release()

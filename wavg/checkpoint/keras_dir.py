@@ -60,7 +60,7 @@ class KerasFolderCheckpoint(CompositeCheckpoint):
             super().__init__(path, KERAS_FOLDER, [f for _, f in self.copies])
             weights = _open_inside(folder, WEIGHTS, path)
             try:
-                part = self._open_part(WEIGHTS, weights, KERAS3_WEIGHTS)
+                part = self._open_part(weights, KERAS3_WEIGHTS)
             except BaseException:
                 weights.release()
                 raise

@@ -47,7 +47,7 @@ class ShardedCheckpoint(CompositeCheckpoint):
                     raise UnsafeCheckpoint(path, f"shards {seen[key]} and {name} are one file")
                 seen[key] = name
                 try:
-                    parts.append((name, self._open_part(name, file, KERAS3_WEIGHTS)))
+                    parts.append((name, self._open_part(file, KERAS3_WEIGHTS)))
                 except BaseException:
                     file.release()
                     raise
