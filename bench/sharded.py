@@ -7,7 +7,7 @@ the ratio sharded / unsharded, and the sharded time over the dd read floor of it
 The two outputs must hold the same tensors bit for bit, else the row says WRONG OUTPUT.
 
 Runs at the end of ``make bench`` (``--only sharded`` alone), or on its own:
-``.venv/bin/python bench/sharded.py [--quick] [--out DIR]``.
+``.venv/bin/python bench/sharded.py [--quick] [--keep] [--out DIR] [--results DIR]``.
 """
 
 from __future__ import annotations
@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "out")
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+    parser.add_argument("--results", type=Path, help="where sharded.md goes (default OUT/results)")
     parser.add_argument("--generate", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.generate:
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     import run as harness
 
     wavg = harness.find_wavg()
-    results = args.out / "results"
+    results = args.results or args.out / "results"
     print(run(wavg, args.out, results, args.quick, 2.0 if args.quick else 12.0, args.keep))
     return 0
 
