@@ -120,8 +120,6 @@ class CompositeCheckpoint(Checkpoint):
 
     def _set_parts(self, parts: list[tuple[str, H5Checkpoint]]) -> None:
         self.parts = parts
-        parts_open = OPEN_PARTS.take(len(parts))
-        self._reserved = len(parts) if parts_open else 0
         for _, part in parts:
             for name, tensor in part.tensors.items():
                 if name in self._owner:
@@ -130,14 +128,14 @@ class CompositeCheckpoint(Checkpoint):
                     )
                 self._owner[name] = part
                 self.tensors[name] = tensor
-            if not parts_open:
+        parts_open = OPEN_PARTS.take(len(parts))
+        self._reserved = len(parts) if parts_open else 0
+        if not parts_open:
+            for _, part in parts:
                 part.file.keep_open = False
                 part.release()
         files = [*self._extra_files, *(part.file for _, part in parts)]
         self.file = PartFiles(self.path, files, parts_open)
-
-    def owner(self, name: str) -> H5Checkpoint:
-        return self._owner[name]
 
     @property
     def raw_readable(self) -> bool:
