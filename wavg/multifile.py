@@ -153,8 +153,7 @@ class ShardedOutput:
         # The new output is in place; tidying up is best effort (the next run finishes it).
         with contextlib.suppress(OSError):
             retire(self.out, self._stale)
-            fsync_directory(self.out.parent)
-            os.unlink(self.marker)
+            os.unlink(self.marker)  # no fsync: a removal lost in a crash is redone next run
 
 
 def _write_synced(path: Path, data: bytes, owner: ShardedOutput | None) -> int:
