@@ -21,6 +21,8 @@ import helpers_multifile as hm
 import helpers_safety as hs
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import wavg
 from wavg.errors import InputChanged
@@ -343,3 +345,18 @@ def test_sigterm_while_writing_removes_what_the_run_wrote_and_keeps_the_previous
     assert "SIGTERM" in stderr and "Traceback" not in stderr
     assert hm.output_state(out) == previous
     assert {p.name for p in tmp_path.iterdir()} == {*previous, "avg_00000.weights.h5"}
+
+
+@given(st.text(min_size=0, max_size=40))
+def test_a_shard_name_the_index_check_accepts_never_leaves_the_index_folder(name):
+    from wavg.checkpoint.shard_index import check_shard_name
+    from wavg.errors import UnsafeCheckpoint
+
+    folder = Path("/data/run")
+    try:
+        check_shard_name(name, "m.weights.json")
+    except UnsafeCheckpoint:
+        return
+    target = folder / name
+    assert target.parent == folder and target.name == name
+    assert os.path.normpath(target) == str(target)
