@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import resource
 import shutil
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -360,3 +362,27 @@ def test_a_shard_name_the_index_check_accepts_never_leaves_the_index_folder(name
     target = folder / name
     assert target.parent == folder and target.name == name
     assert os.path.normpath(target) == str(target)
+
+
+@pytest.mark.parametrize("limit", [0, 4 << 20])
+def test_a_file_size_limit_is_a_clean_error_and_keeps_the_previous_output(limit, run, tmp_path):
+    out = tmp_path / "avg.weights.json"
+    wavg.combine(run.sharded, out)
+    previous = hm.output_state(out)
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = subprocess.run(
+        [*hs.WAVG, "combine", *map(str, run.sharded), "-o", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=hs.ROOT,
+        preexec_fn=limit_file_size,  # noqa: PLW1509 (only setrlimit)
+        timeout=120,
+        check=False,
+    )
+    line = hs.assert_one_line_error(hs.Result(proc.returncode, "", proc.stderr), [out])
+    assert "too large" in line.lower(), line
+    assert hm.output_state(out) == previous
+    assert {p.name for p in tmp_path.iterdir()} == {*previous, "avg_00000.weights.h5"}
