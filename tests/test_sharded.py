@@ -261,7 +261,7 @@ def test_kill_9_at_random_moments_leaves_the_previous_output_or_the_complete_new
         # Nothing but the output, what killed runs were writing, and stale shards.
         pattern = hm.killed_run_files(tmp_path, out, killed)
         for path in tmp_path.iterdir():
-            assert path.name in state | original or pattern.fullmatch(path.name), path.name
+            assert path.name in set(state) | original or pattern.fullmatch(path.name), path.name
     # The next run removes what the killed ones left and writes the average.
     result = hs.run_wavg(["combine", *run.sharded, "-o", out])
     assert result.code == 0, result.stderr
