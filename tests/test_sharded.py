@@ -386,3 +386,15 @@ def test_a_file_size_limit_is_a_clean_error_and_keeps_the_previous_output(limit,
     assert "too large" in line.lower(), line
     assert hm.output_state(out) == previous
     assert {p.name for p in tmp_path.iterdir()} == {*previous, "avg_00000.weights.h5"}
+
+
+def test_shards_another_index_in_the_folder_names_are_never_removed(run, tmp_path):
+    out = tmp_path / "avg.weights.json"
+    wavg.combine(run.sharded, out)
+    kept = tmp_path / "best.weights.json"
+    shutil.copy(out, kept)  # the user keeps this average under another name
+    wavg.combine(run.sharded, out, drop_optimizer=True)
+    assert set(hm.shard_names(kept)).isdisjoint(hm.shard_names(out))
+    for name in hm.shard_names(kept):
+        assert (tmp_path / name).is_file(), name
+    assert hm.sharded_tensors(kept).keys() == hm.sharded_tensors(run.sharded[-1]).keys()
