@@ -158,12 +158,13 @@ def wait_until_writing(directory: Path, proc: subprocess.Popen, limit: float = 6
     raise AssertionError("the run neither started writing nor ended")
 
 
-def killed_run_files(directory: Path, out: Path, pids: list[int]) -> re.Pattern[str]:
+def killed_run_files(out: Path, pids: list[int]) -> re.Pattern[str]:
     """Names a run of `pids` killed while writing `out` may leave behind."""
     alternatives = "|".join(map(str, pids))
     base = out.name.removesuffix(".weights.json")
+    temporary = rf"\.{re.escape(out.name)}\.wavg-tmp-({alternatives})-[0-9a-f]+"
     return re.compile(
-        rf"\.{re.escape(out.name)}\.wavg-tmp-({alternatives})-[0-9a-f]+(-index|-placeholder|-previous)?"
+        rf"{temporary}(-index|-placeholder|-previous)?"
         rf"|{re.escape(base)}_\d{{5}}\.wavg-[0-9a-f]{{8}}\.weights\.h5"
     )
 

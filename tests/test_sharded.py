@@ -259,7 +259,7 @@ def test_kill_9_at_random_moments_leaves_the_previous_output_or_the_complete_new
             outcomes["complete"] += 1
             previous = state
         # Nothing but the output, what killed runs were writing, and stale shards.
-        pattern = hm.killed_run_files(tmp_path, out, killed)
+        pattern = hm.killed_run_files(out, killed)
         for path in tmp_path.iterdir():
             assert path.name in set(state) | original or pattern.fullmatch(path.name), path.name
     # The next run removes what the killed ones left and writes the average.

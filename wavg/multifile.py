@@ -68,10 +68,10 @@ def placeholder_name(out: Path) -> str:
 class ShardedOutput:
     """One run's commit of a sharded output at `out` (use as a context manager).
 
-    Inside the block the caller creates shards with `new_shard`, writes and fsyncs them, then
-    calls `prepare` with the index's bytes and `commit`. Leaving the block without a commit (an error, a
-    signal) removes every file this run created; after the commit the previous output's
-    stale shards are removed.
+    Inside the block the caller creates shards with `new_shard`, writes and fsyncs them,
+    then calls `prepare` with the index's bytes, then `commit`. Leaving the block without a
+    commit (an error, a signal) removes every file this run created; after the commit the
+    previous output's stale shards are removed.
     """
 
     def __init__(self, out: Path) -> None:

@@ -1,8 +1,8 @@
 """The index of a sharded Keras checkpoint (``.weights.json``): parse it without trusting it.
 
-Keras writes ``{"metadata": {"total_size": ...}, "weight_map": {"/layers/x/vars": "m_00000.weights.h5"
-or [names], ...}}``; every name in it is a file wavg would open, so each must be a plain file
-name in the index's own folder. This module reads bytes into a checked structure; it never
+Keras writes ``{"metadata": {"total_size": ...}, "weight_map": {"/layers/x/vars":
+"m_00000.weights.h5" or [names], ...}}``; every name in it is a file wavg would open, so each
+must be a plain file name in the index's own folder. This module reads bytes into a checked structure; it never
 opens a shard.
 """
 
