@@ -55,12 +55,14 @@ def atomic_output(out: Path) -> Iterator[str]:
     check_output_dir(out)
     remove_stale_temps(out)
     tmp = f"{temp_prefix(out)}{os.getpid()}-{secrets.token_hex(4)}"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
-    except OSError as exc:
-        raise OutputError(out, f"cannot create a file in {out.parent} ({exc.strerror})") from None
-    os.close(fd)
-    try:
+    try:  # from before the file exists: a signal just after creating it must remove it too
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+        try:
+            os.close(os.open(tmp, flags, 0o644))
+        except OSError as exc:
+            raise OutputError(
+                out, f"cannot create a file in {out.parent} ({exc.strerror})"
+            ) from None
         yield tmp
         try:
             os.replace(tmp, out)

@@ -86,17 +86,25 @@ class ShardedOutput:
     def __enter__(self) -> ShardedOutput:
         check_output_dir(self.out)
         clean_sharded_leftovers(self.out)
-        self._create(self.marker)
+        try:
+            self._create(self.marker)
+        except BaseException:  # a signal just after the marker was created
+            self.__exit__(None, None, None)
+            raise
         return self
 
     def _create(self, path: Path) -> None:
+        # Recorded before it exists: a signal right after creating it must remove it too.
+        self.created.append(path)
         try:
             os.close(os.open(path, _CREATE, 0o644))
+        except FileExistsError:
+            self.created.remove(path)  # not ours: never remove it
+            raise OutputError(self.out, f"{path.name} exists already") from None
         except OSError as exc:
             raise OutputError(
                 self.out, f"cannot create a file in {self.out.parent} ({exc.strerror})"
             ) from None
-        self.created.append(path)
 
     def new_shard(self, number: int) -> Path:
         """Create (empty) and return the path of the output's shard `number`."""
@@ -337,11 +345,13 @@ def folder_output(out: Path) -> Iterator[Path]:
     check_output_folder(out)
     clean_folder_leftovers(out)
     tmp = Path(f"{temp_prefix(out)}{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        os.mkdir(tmp, 0o755)
-    except OSError as exc:
-        raise OutputError(out, f"cannot create a folder in {out.parent} ({exc.strerror})") from None
-    try:
+    try:  # from before the folder exists: a signal just after creating it must remove it too
+        try:
+            os.mkdir(tmp, 0o755)
+        except OSError as exc:
+            raise OutputError(
+                out, f"cannot create a folder in {out.parent} ({exc.strerror})"
+            ) from None
         yield tmp
         _fsync_folders(tmp)
         try:
