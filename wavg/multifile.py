@@ -46,6 +46,7 @@ from wavg.atomic import (
 )
 from wavg.checkpoint.shard_index import MAX_INDEX_BYTES, keras_base, parse_index
 from wavg.errors import CheckpointError, OutputError
+from wavg.signals import signals_held
 
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 
@@ -154,9 +155,10 @@ class ShardedOutput:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if not self.committed:
-            for path in reversed(self.created):
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
+            with signals_held():  # a second SIGTERM must not cut the removal short
+                for path in reversed(self.created):
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
             return
         # The new output is in place; tidying up is best effort (the next run finishes it).
         with contextlib.suppress(OSError):
@@ -366,7 +368,8 @@ def folder_output(out: Path) -> Iterator[Path]:
             raise OutputError(out, f"cannot move into place ({exc.strerror})") from None
         fsync_directory(out.parent)
     finally:
-        _unlink(tmp)  # the previous folder after a swap, or the unfinished new one
+        with signals_held():
+            _unlink(tmp)  # the previous folder after a swap, or the unfinished new one
 
 
 def clean_folder_leftovers(out: Path) -> None:
