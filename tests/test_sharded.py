@@ -398,3 +398,45 @@ def test_shards_another_index_in_the_folder_names_are_never_removed(run, tmp_pat
     for name in hm.shard_names(kept):
         assert (tmp_path / name).is_file(), name
     assert hm.sharded_tensors(kept).keys() == hm.sharded_tensors(run.sharded[-1]).keys()
+
+
+def test_requantized_layers_of_sharded_and_folder_checkpoints_equal_the_single_file_result(
+    tmp_path,
+):
+    import keras
+
+    keras.utils.set_random_seed(2)
+    model = keras.Sequential(
+        [
+            keras.Input((64,)),
+            keras.layers.Dense(512),
+            keras.layers.Dense(512),
+            keras.layers.Dense(3),
+        ]
+    )
+    rng = np.random.default_rng(0)
+    for epoch in range(3):
+        model.set_weights([rng.standard_normal(w.shape).astype("f4") for w in model.get_weights()])
+        quantized = keras.models.clone_model(model)
+        quantized.set_weights(model.get_weights())
+        quantized.quantize("int8")
+        quantized.save_weights(tmp_path / f"q{epoch}.weights.json", max_shard_size=0.00026)
+        quantized.save(tmp_path / f"folder{epoch}", zipped=False)
+        quantized.save_weights(tmp_path / f"q{epoch}.weights.h5")
+    assert len(hm.shard_names(tmp_path / "q2.weights.json")) == 2
+
+    def run(pattern: str, out: str) -> Path:
+        inputs = sorted(tmp_path.glob(pattern))
+        wavg.combine(inputs, tmp_path / out, quantized="requantize")
+        return tmp_path / out
+
+    single = h5py.File(run("q?.weights.h5", "single.weights.h5"), "r")
+    sharded = hm.sharded_tensors(run("q?.weights.json", "sharded.weights.json"))
+    folder = run("folder?", "folder_avg") / "model.weights.h5"
+    with single, h5py.File(folder, "r") as from_folder:
+        names: list[str] = []
+        single.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
+        assert sorted(names) == sorted(sharded)
+        for name in names:
+            np.testing.assert_array_equal(sharded[name], single[name][()], err_msg=name)
+            np.testing.assert_array_equal(from_folder[name][()], single[name][()], err_msg=name)

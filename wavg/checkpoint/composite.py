@@ -95,6 +95,21 @@ class PartFiles:
             file.release()
 
 
+class PartTensors(dict):
+    """The union of the parts' tensors; replacing one (the core may re-flag a tensor as
+    written by it) replaces it in its part too, so that part's writer sees the change."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.owners: dict[str, H5Checkpoint] = {}
+
+    def __setitem__(self, name: str, tensor: Tensor) -> None:
+        super().__setitem__(name, tensor)
+        part = self.owners.get(name)
+        if part is not None:
+            part.tensors[name] = tensor
+
+
 class CompositeCheckpoint(Checkpoint):
     """A checkpoint whose tensors live in several HDF5 parts (name -> `H5Checkpoint`).
 
@@ -105,9 +120,9 @@ class CompositeCheckpoint(Checkpoint):
     def __init__(self, path: str, layout: Layout, extra_files: list[InputFile]) -> None:
         self.path = path
         self.layout = layout
-        self.tensors: dict[str, Tensor] = {}
+        self.tensors = PartTensors()
         self.parts: list[tuple[str, H5Checkpoint]] = []
-        self._owner: dict[str, H5Checkpoint] = {}
+        self._owner = self.tensors.owners
         self._extra_files = extra_files
         self.file = PartFiles(path, list(extra_files), parts_open=True)
         self._reserved = 0

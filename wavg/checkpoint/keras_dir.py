@@ -9,6 +9,7 @@ newest folder byte for byte, as data, and the new folder replaces the old in one
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import stat
 from collections.abc import Callable, Iterator
@@ -69,6 +70,14 @@ class KerasFolderCheckpoint(CompositeCheckpoint):
             for _, file in self.copies:
                 file.release()
             raise
+
+    def model_config(self) -> dict | None:
+        config = next((f for relative, f in self.copies if relative == CONFIG), None)
+        try:
+            parsed = json.loads(config.read_at(0, config.size)) if config is not None else None
+        except (CheckpointError, ValueError, RecursionError):
+            return None
+        return parsed if isinstance(parsed, dict) else None
 
     def check_output(self, out: Path) -> None:
         if out.name.lower().endswith(".keras"):
