@@ -3,30 +3,87 @@
 The format is recognised from the file's bytes, not its name: a zip archive is a ``.keras``
 model, an HDF5 file is a legacy ``.h5`` model, legacy weights or Keras 3 ``.weights.h5``
 (told apart by their layout, see `layouts`). Checkpoints of several files are recognised by
-content too: a JSON index is sharded weights, a folder an unzipped ``.keras`` model.
+content too: a JSON index is sharded weights, a folder an unzipped ``.keras`` model. Where
+the bytes come from (a local file, an object in storage) is the byte source's business
+(`open_source`); formats never ask.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
+from pathlib import Path
 
 from wavg.checkpoint.base import Checkpoint, Writer
 from wavg.checkpoint.hdf5 import Tensor, iter_blocks
 from wavg.checkpoint.inputfile import InputFile
 from wavg.errors import CheckpointError
+from wavg.locations import Location, Url, as_location
 
-__all__ = ["Checkpoint", "Tensor", "Writer", "iter_blocks", "open_checkpoint"]
+__all__ = [
+    "Checkpoint",
+    "Tensor",
+    "Writer",
+    "iter_blocks",
+    "open_checkpoint",
+    "local_copies",
+    "open_source",
+    "staged_output",
+]
+
+
+def open_source(name: str | os.PathLike[str] | Url) -> InputFile:
+    """The byte source for a checkpoint name: a local `InputFile`, or a `RemoteFile` (same
+    methods) for a URL. Identity is pinned here, at first open."""
+    location = as_location(name)
+    if isinstance(location, Url):
+        from wavg.checkpoint.remote import RemoteFile
+
+        return RemoteFile(location.url)  # type: ignore[return-value]
+    return InputFile(os.fspath(location))
+
+
+def local_copies(locations: list[Location], directory: Path) -> list[Path]:
+    """Local paths for `locations`: local ones as they are, URLs downloaded whole into their
+    own folders under `directory` (for tools that need a file, like Keras' loaders)."""
+    found: list[Path] = []
+    for i, location in enumerate(locations):
+        if isinstance(location, Url):
+            from wavg.checkpoint.remote import download
+
+            folder = directory / str(i)
+            folder.mkdir(parents=True)
+            found.append(download(location.url, folder))
+        else:
+            found.append(location)
+    return found
+
+
+@contextlib.contextmanager
+def staged_output(out: Location) -> Iterator[Path]:
+    """The local path a format commits `out` to: `out` itself when local; for a URL, a path
+    in a private temporary directory whose files are uploaded when the block exits normally
+    (see `remote.staged_upload`)."""
+    if not isinstance(out, Url):
+        yield out
+        return
+    from wavg.checkpoint.remote import staged_upload
+
+    with staged_upload(out.url) as local:
+        yield local
+
 
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _ZIP_SIGNATURE = b"PK\x03\x04"
 
 
-def open_checkpoint(path: str) -> Checkpoint:
+def open_checkpoint(path: str | os.PathLike[str] | Url) -> Checkpoint:
     """Open `path` read-only and list its tensors; raises `CheckpointError` if it is unusable."""
     folder = _open_folder(path)
     if folder is not None:
         return folder
-    file = InputFile(path)
+    file = open_source(path)
     try:
         if _is_index(file):
             from wavg.checkpoint.sharded import ShardedCheckpoint
@@ -48,13 +105,16 @@ def open_checkpoint(path: str) -> Checkpoint:
 # -- checkpoints of several files: an unzipped .keras folder, a sharded weights index --------
 
 
-def _open_folder(path: str) -> Checkpoint | None:
-    """An unzipped .keras folder, or None for anything else (InputFile names a bare folder)."""
-    if not os.path.isdir(path):
+def _open_folder(path: str | os.PathLike[str] | Url) -> Checkpoint | None:
+    """A local unzipped .keras folder, or None for anything else (the byte source then names
+    a bare folder)."""
+    location = as_location(path)
+    if isinstance(location, Url) or not os.path.isdir(location):
         return None
     from wavg.checkpoint.keras_dir import KerasFolderCheckpoint, is_keras_folder
 
-    return KerasFolderCheckpoint(path) if is_keras_folder(path) else None
+    folder = os.fspath(location)
+    return KerasFolderCheckpoint(folder) if is_keras_folder(folder) else None
 
 
 def _is_index(file: InputFile) -> bool:

@@ -86,6 +86,14 @@ class PartFiles:
         for file in self._files:
             file.keep_open = value and self._parts_open
 
+    @property
+    def bytes_fetched(self) -> int:
+        return sum(getattr(file, "bytes_fetched", 0) for file in self._files)
+
+    @property
+    def requests(self) -> int:
+        return sum(getattr(file, "requests", 0) for file in self._files)
+
     def check_unchanged(self) -> None:
         for file in self._files:
             file.check_unchanged()

@@ -31,6 +31,10 @@ class ShardedCheckpoint(CompositeCheckpoint):
 
     def __init__(self, index_file: InputFile) -> None:
         path = index_file.path
+        if type(index_file) is not InputFile:
+            raise CheckpointError(
+                path, "sharded checkpoints are read from a local folder only (download it first)"
+            )
         if index_file.size > MAX_INDEX_BYTES:
             raise UnsafeCheckpoint(path, f"the index is over {MAX_INDEX_BYTES >> 20} MB")
         self.index: ShardIndex = parse_index(index_file.read_at(0, index_file.size), path)
