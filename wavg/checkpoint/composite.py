@@ -169,6 +169,10 @@ class CompositeCheckpoint(Checkpoint):
     ) -> np.ndarray:
         return self._owner[tensor.name].read(tensor, start, count, slices, scratch)
 
+    def will_read(self, names: list[str], readers: int = 1) -> None:
+        for _, part in self.parts:
+            part.will_read([n for n in names if self._owner.get(n) is part], readers)
+
     def trim(self) -> None:
         for _, part in self.parts:
             part.trim()
