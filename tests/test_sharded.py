@@ -440,3 +440,23 @@ def test_requantized_layers_of_sharded_and_folder_checkpoints_equal_the_single_f
         for name in names:
             np.testing.assert_array_equal(sharded[name], single[name][()], err_msg=name)
             np.testing.assert_array_equal(from_folder[name][()], single[name][()], err_msg=name)
+
+
+def test_a_sharded_output_url_gets_its_shards_and_index_and_a_sharded_input_url_is_refused(
+    run, tmp_path, capfd
+):
+    import fsspec
+
+    memory = fsspec.filesystem("memory")
+    url = "memory://wavg-sharded-test/run/avg.weights.json"
+    wavg.combine(run.sharded, url)
+    local = tmp_path / "avg.weights.json"
+    wavg.combine(run.sharded, local)
+    uploaded = {p.rsplit("/", 1)[-1] for p in memory.find("/wavg-sharded-test/run")}
+    index = json.loads(memory.cat(url))
+    names = {n for v in index["weight_map"].values() for n in (v if isinstance(v, list) else [v])}
+    assert uploaded == {"avg.weights.json", "avg_00000.weights.h5", *names}
+    assert len(names) == len(hm.shard_names(local))
+    result = hs.run_cli(["combine", "--order", "given", url, run.sharded[-1], "-o", local], capfd)
+    hs.assert_one_line_error(result, ["wavg-sharded-test", "local folder only"])
+    memory.rm("/wavg-sharded-test", recursive=True)
