@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wavg.atomic import check_output_dir
+from wavg.atomic import check_output_parent
 from wavg.checkpoint import Checkpoint, Tensor, iter_blocks, open_checkpoint, staged_output
 from wavg.errors import (
     CheckpointError,
@@ -187,7 +187,7 @@ def run_plan(
     _refuse_output_among_inputs(out_location, plan.inputs)
     inputs: list[Checkpoint] = []
     with staged_output(out_location) as out_path:
-        check_output_dir(out_path)
+        check_output_parent(out_path)  # what the output may be is the format's to say, once opened
         try:
             keep_open = len(plan.inputs) <= _descriptor_budget()
             for path in plan.inputs:
@@ -312,6 +312,7 @@ def _check_compatible(inputs: list[Checkpoint], out: Path) -> None:
             f"output {out} must end in {wanted} for {newest.layout.name} inputs (Keras picks "
             "the format from the name)"
         )
+    newest.check_output(out)
     expected = {n: t for n, t in newest.tensors.items() if t.averaged}
     for ckpt in inputs[:-1]:
         mine = {n: t for n, t in ckpt.tensors.items() if t.averaged}

@@ -16,7 +16,7 @@ import numpy as np
 from wavg.checkpoint.base import Checkpoint, Writer, as_bytes, open_hdf5, pwrite_all
 from wavg.checkpoint.hdf5 import Tensor
 from wavg.checkpoint.inputfile import InputFile
-from wavg.checkpoint.layouts import hdf5_layout
+from wavg.checkpoint.layouts import Layout, hdf5_layout
 from wavg.checkpoint.skeleton import copy_around_tensors, lay_out_output
 from wavg.errors import CheckpointError
 
@@ -24,10 +24,12 @@ from wavg.errors import CheckpointError
 class H5Checkpoint(Checkpoint):
     """A checkpoint that is itself an HDF5 file."""
 
-    def __init__(self, file: InputFile) -> None:
+    def __init__(self, file: InputFile, layout: Layout | None = None) -> None:
+        """`layout` is recognised from the file unless given (a shard of a sharded checkpoint
+        may hold only optimizer state, which alone does not tell its layout)."""
         h5 = open_hdf5(file)
         try:
-            layout = hdf5_layout(h5)
+            layout = layout or hdf5_layout(h5)
         except (OSError, RuntimeError, ValueError) as exc:
             h5.close()
             raise CheckpointError(file.path, f"damaged HDF5 file ({exc})") from None
