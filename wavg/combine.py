@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from wavg.atomic import check_output_dir
-from wavg.checkpoint import Checkpoint, Tensor, iter_blocks, open_checkpoint
+from wavg.checkpoint import Checkpoint, Tensor, expand_inputs, open_checkpoint
 from wavg.errors import (
     CheckpointError,
     CheckpointMismatch,
@@ -54,6 +54,7 @@ class CombinePlan:
     scheme: str
     alpha: float | None
     raw_weights: list[float]  # unnormalised, as summed (1 for equal, 1..n for linear)
+    warnings: list[str] = field(default_factory=list)  # e.g. unfinished Orbax steps skipped
 
 
 @dataclass
@@ -100,8 +101,10 @@ def plan_combine(
 ) -> CombinePlan:
     """Order the files (oldest first) and weight them; reads no file contents.
 
-    Custom `weights` are in the final order, oldest first, after `last` is applied.
+    Custom `weights` are in the final order, oldest first, after `last` is applied. A
+    directory of checkpoints (an OrbaxCheckpoint root) stands for its committed steps.
     """
+    paths, skipped = expand_inputs([os.fspath(p) for p in paths])
     for path in paths:
         if not os.path.lexists(path):
             raise CheckpointError(path, "no such file")
@@ -118,6 +121,7 @@ def plan_combine(
         raw_weights=[float(w) for w in raw],
         scheme=scheme,
         alpha=float(alpha) if scheme == "exp" else None,
+        warnings=skipped,
     )
 
 
@@ -174,7 +178,8 @@ def run_plan(
     started = time.perf_counter()
     out_path = Path(out)
     _refuse_output_among_inputs(out_path, plan.inputs)
-    check_output_dir(out_path)
+    if not out_path.is_dir():  # a directory may suit a directory format: the format decides
+        check_output_dir(out_path)
     inputs: list[Checkpoint] = []
     try:
         keep_open = len(plan.inputs) <= _descriptor_budget()
@@ -187,6 +192,7 @@ def run_plan(
                 ckpt.release()
         newest = inputs[-1]
         _check_compatible(inputs, out_path)
+        newest.check_output(out_path)
         averaged = [t for t in newest.tensors.values() if t.averaged]
         summary = CombineSummary(
             inputs=list(plan.inputs),
@@ -204,6 +210,7 @@ def run_plan(
             dry_run=dry_run,
             dropped_optimizer=drop_optimizer,
         )
+        summary.warnings.extend(plan.warnings)
         summary.warnings.extend(_copied_weight_warnings(newest))
         if on_ready is not None:
             on_ready(summary)
@@ -300,6 +307,7 @@ def _check_compatible(inputs: list[Checkpoint], out: Path) -> None:
         )
     expected = {n: t for n, t in newest.tensors.items() if t.averaged}
     for ckpt in inputs[:-1]:
+        ckpt.check_matches(newest)
         mine = {n: t for n, t in ckpt.tensors.items() if t.averaged}
         for name, ref in expected.items():
             other = mine.get(name)
@@ -379,6 +387,7 @@ class BlockAverager:
         allow_nonfinite: bool,
     ) -> None:
         self.members = [(c, w) for c, w in zip(inputs, weights, strict=True) if w > 0]
+        self.split = inputs[-1].blocks  # the format's blocks (chunks, where reads decode them)
         self.block_items = block_items
         self.allow_nonfinite = allow_nonfinite
         self._local = threading.local()
@@ -387,7 +396,7 @@ class BlockAverager:
         jobs = (
             (tensor, start, count, slices)
             for tensor in tensors
-            for start, count, slices in iter_blocks(tensor.shape, 1, self.block_items)
+            for start, count, slices in self.split(tensor, self.block_items)
         )
         pending: deque[Future] = deque()
         pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="wavg-average")

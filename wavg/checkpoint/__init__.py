@@ -7,12 +7,23 @@ model, an HDF5 file is a legacy ``.h5`` model, legacy weights or Keras 3 ``.weig
 
 from __future__ import annotations
 
+from wavg.checkpoint import orbax_steps
 from wavg.checkpoint.base import Checkpoint, Writer
 from wavg.checkpoint.hdf5 import Tensor, iter_blocks
 from wavg.checkpoint.inputfile import InputFile
 from wavg.errors import CheckpointError
 
-__all__ = ["Checkpoint", "Tensor", "Writer", "iter_blocks", "open_checkpoint"]
+__all__ = ["Checkpoint", "Tensor", "Writer", "expand_inputs", "iter_blocks", "open_checkpoint"]
+
+
+def expand_inputs(paths: list[str]) -> tuple[list[str], list[str]]:
+    """The checkpoints that `paths` name, and warnings about entries skipped.
+
+    A directory of checkpoints (an OrbaxCheckpoint root) stands for its committed steps,
+    oldest first; every other path stands for itself. Reads directory listings only.
+    """
+    return orbax_steps.expand_inputs(paths)
+
 
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _ZIP_SIGNATURE = b"PK\x03\x04"
@@ -20,6 +31,11 @@ _ZIP_SIGNATURE = b"PK\x03\x04"
 
 def open_checkpoint(path: str) -> Checkpoint:
     """Open `path` read-only and list its tensors; raises `CheckpointError` if it is unusable."""
+    # Orbax: a step directory, recognised by its content (roots are expanded by the plan).
+    if orbax_steps.is_step(path):
+        from wavg.checkpoint.orbax import OrbaxStep
+
+        return OrbaxStep(path)
     file = InputFile(path)
     try:
         kind = _sniff(file)

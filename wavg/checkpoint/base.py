@@ -11,23 +11,35 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import h5py
 import numpy as np
 
-from wavg.atomic import atomic_output
+from wavg.atomic import atomic_output, check_output_dir
 from wavg.checkpoint.hdf5 import (
     Tensor,
     check_global_heaps,
     confirm_opaque_types,
+    iter_blocks,
     open_h5,
     read_hyperslab,
     read_raw,
     walk,
 )
-from wavg.checkpoint.inputfile import InputFile
 from wavg.checkpoint.layouts import Layout
 from wavg.errors import CheckpointError
+
+
+class InputSource(Protocol):
+    """Where a checkpoint's bytes live: one file (`InputFile`) or a directory of them."""
+
+    path: str
+    keep_open: bool
+
+    def check_unchanged(self) -> None: ...
+
+    def release(self) -> None: ...
 
 
 class Writer:
@@ -53,7 +65,7 @@ class Writer:
 class Checkpoint:
     """An open input checkpoint: its layout, its tensors, and block reads."""
 
-    def __init__(self, file: InputFile, layout: Layout) -> None:
+    def __init__(self, file: InputSource, layout: Layout) -> None:
         self.file = file
         self.path = file.path
         self.layout = layout
@@ -88,6 +100,22 @@ class Checkpoint:
                 yield writer
             finally:
                 writer.close()
+
+    def blocks(self, tensor: Tensor, budget: int) -> Iterator[tuple[int, int, tuple[slice, ...]]]:
+        """The blocks `tensor` is averaged in: ``(flat_start, count, slices)``, in write order.
+
+        Here contiguous runs of at most `budget` items; a format whose reads decode whole
+        chunks yields its chunks instead (then memory is bounded by the largest chunk).
+        """
+        return iter_blocks(tensor.shape, 1, budget)
+
+    def check_output(self, out: Path) -> None:
+        """Refuse, before anything is read, an output path this format cannot create."""
+        check_output_dir(out)
+
+    def check_matches(self, newest: Checkpoint) -> None:
+        """Refuse to average this checkpoint with `newest` beyond what its tensors show
+        (tensor names, shapes and dtypes are compared by the caller)."""
 
     def _weights_reader(self) -> Callable[[int, int], bytes]:
         """Reads bytes of the HDF5 weights file at physical offsets (see `_load_tensors`)."""
