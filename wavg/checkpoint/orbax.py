@@ -24,7 +24,7 @@ import numpy as np
 
 from wavg.atomic import fsync_directory, temp_prefix
 from wavg.checkpoint.base import Checkpoint, Writer
-from wavg.checkpoint.hdf5 import EXPANSION_FLOOR_BYTES, MAX_EXPANSION, Tensor
+from wavg.checkpoint.hdf5 import BFLOAT16, EXPANSION_FLOOR_BYTES, MAX_EXPANSION, Tensor
 from wavg.checkpoint.layouts import Layout
 from wavg.checkpoint.orbax_steps import COMMIT_MARKER, PYTREE, StepFiles
 from wavg.errors import CheckpointError, CheckpointMismatch, OutputError, UnsafeCheckpoint
@@ -32,6 +32,8 @@ from wavg.errors import CheckpointError, CheckpointMismatch, OutputError, Unsafe
 AVERAGED_GROUPS = ("trainable_variables", "non_trainable_variables")
 OPTIMIZER_GROUP = "optimizer_variables"
 MODEL_CONFIG = Path("model_config") / "_strings.json"
+# Bytes of output blocks written concurrently before waiting for them.
+WRITE_BATCH_BYTES = 64 << 20
 _PYTREE_METADATA = ("_METADATA", "_sharding", "array_metadatas")
 INSTALL_HINT = "reading Orbax checkpoints needs TensorStore: pip install 'wavg[orbax]'"
 
@@ -131,7 +133,7 @@ class OrbaxStep(Checkpoint):
             shape=shape,
             dtype=storage,
             storage=storage,
-            averaged=storage.kind == "f" and group in AVERAGED_GROUPS,
+            averaged=(storage.kind == "f" or storage == BFLOAT16) and group in AVERAGED_GROUPS,
             offset=None,
         )
 
@@ -230,15 +232,22 @@ class OrbaxWriter(Writer):
             "config": _ocdbt_config(template),
         }
         self.stores: dict[str, Any] = {}
+        self._pending: list[Any] = []  # writes in flight, batched into few OCDBT commits
+        self._pending_bytes = 0
         for name in kept:
             spec = {
                 "driver": "zarr3",
                 "kvstore": {**base, "path": f"{name}/"},
                 "metadata": template.stores[name].spec().to_json()["metadata"],
+                # As Orbax does: Orbax reads a missing chunk as an error, not as zeros.
+                "store_data_equal_to_fill_value": True,
             }
+            # Opened concurrently, so that their metadata lands in few OCDBT commits.
             self.stores[name] = _ts_call(
-                lambda spec=spec: ts.open(spec, create=True, context=self.context).result()
+                lambda spec=spec: ts.open(spec, create=True, context=self.context)
             )
+        for name in kept:
+            self.stores[name] = _ts_call(self.stores[name].result)
         self.order = [n for n in kept if template.tensors[n].averaged]
         for name in kept:
             tensor = template.tensors[name]
@@ -248,15 +257,26 @@ class OrbaxWriter(Writer):
                     self._store(tensor, slices, data)
 
     def _store(self, tensor: Tensor, slices: tuple[slice, ...], data: np.ndarray) -> None:
+        """Start writing one block; waits for earlier writes once `WRITE_BATCH_BYTES` are
+        in flight (each OCDBT commit rewrites the manifest: one per block would be slow)."""
         shape = tuple(s.stop - s.start for s in slices)
         array = data.view(tensor.storage).reshape(shape)
-        _ts_call(lambda: self.stores[tensor.name][slices].write(array).result())
+        self._pending.append(_ts_call(lambda: self.stores[tensor.name][slices].write(array)))
+        self._pending_bytes += array.nbytes
+        if self._pending_bytes >= WRITE_BATCH_BYTES:
+            self._drain()
+
+    def _drain(self) -> None:
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        for future in pending:
+            _ts_call(future.result)
 
     def write(self, tensor: Tensor, start: int, data: np.ndarray) -> None:
         chunk = self.template.chunks[tensor.name]
         self._store(tensor, box_at(tensor.shape, chunk, start), data)
 
     def finish(self) -> int:
+        self._drain()
         marker = f"Checkpoint commit was successful to {self.final_step}"
         for directory in (self.step / PYTREE, self.step / "model_config", self.step):
             if directory.is_dir():
@@ -264,6 +284,10 @@ class OrbaxWriter(Writer):
         return _fsync_tree(self.root)
 
     def close(self) -> None:
+        for future in self._pending:
+            with contextlib.suppress(Exception):
+                future.result()  # the temporary root is removed only once writes stopped
+        self._pending.clear()
         self.stores.clear()
 
 
@@ -343,7 +367,9 @@ def _array_names(meta: dict, step: str) -> list[str]:
     for entry in tree.values():
         try:
             keys = [str(k["key"]) for k in entry["key_metadata"]]
-        except (KeyError, TypeError):
+            if not _holds_array(entry):
+                continue  # an empty container, e.g. the non-trainable variables of an MLP
+        except (KeyError, TypeError, AttributeError):
             raise CheckpointError(step, "pytree/_METADATA is damaged (bad tree entry)") from None
         name = ".".join(keys)
         if not name or "/" in name or name.startswith(".") or not name.isprintable():
@@ -352,6 +378,10 @@ def _array_names(meta: dict, step: str) -> list[str]:
     if len(set(names)) != len(names):
         raise CheckpointError(step, "pytree/_METADATA lists an array twice")
     return names
+
+
+def _holds_array(entry: dict) -> bool:
+    return entry.get("value_metadata", {}).get("skip_deserialize") is not True
 
 
 def _locations(node: Any) -> Iterator[str]:
@@ -420,7 +450,7 @@ def _filter_metadata(name: str, kind: str, data: bytes, kept: set[str]) -> bytes
         meta["tree_metadata"] = {
             k: v
             for k, v in tree.items()
-            if ".".join(str(e["key"]) for e in v["key_metadata"]) in kept
+            if not _holds_array(v) or ".".join(str(e["key"]) for e in v["key_metadata"]) in kept
         }
     elif kind == "_sharding":
         import base64
