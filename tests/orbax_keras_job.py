@@ -20,12 +20,14 @@ KINDS = {"jax": ("functional", "sequential", "bf16"), "tensorflow": ("functional
 
 
 def build(kind: str) -> keras.Model:
+    """The model of `kind`, named: Keras names the variables' paths after the model and
+    skips (silently) what does not match, so a loader must rebuild the very same names."""
     if kind == "functional":
         inputs = keras.Input((4,))
         x = keras.layers.Dense(8, activation="relu", name="d1")(inputs)
         x = keras.layers.BatchNormalization(name="bn")(x)
         outputs = keras.layers.Dense(3, activation="softmax", name="d2")(x)
-        model = keras.Model(inputs, outputs)
+        model = keras.Model(inputs, outputs, name="func")
     elif kind == "sequential":
         model = keras.Sequential(
             [
@@ -33,7 +35,8 @@ def build(kind: str) -> keras.Model:
                 keras.layers.Dense(8, activation="relu", name="d1"),
                 keras.layers.BatchNormalization(name="bn"),
                 keras.layers.Dense(3, activation="softmax", name="d2"),
-            ]
+            ],
+            name="seq",
         )
     else:  # bfloat16 weights
         model = keras.Sequential(
@@ -41,7 +44,8 @@ def build(kind: str) -> keras.Model:
                 keras.Input((4,)),
                 keras.layers.Dense(8, activation="relu", name="d1", dtype="bfloat16"),
                 keras.layers.Dense(3, activation="softmax", name="d2", dtype="bfloat16"),
-            ]
+            ],
+            name="bf16",
         )
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     return model
