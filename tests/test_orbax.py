@@ -7,6 +7,7 @@ of the arrays read with TensorStore.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -140,6 +141,21 @@ def test_optimizer_state_and_metrics_come_from_the_newest_step(runs, tmp_path):
             mine, theirs = _array(out / "3", name), _array(newest, name)
             assert mine.dtype == theirs.dtype and np.array_equal(mine, theirs), name
         assert _array(out / "3", "optimizer_variables.adam.iteration") == 16  # 4 epochs x 4
+
+
+def test_drop_optimizer_leaves_the_optimizer_out_of_arrays_and_metadata(runs, tmp_path):
+    root = runs / "jax" / "functional"
+    out = tmp_path / "out"
+    assert run_wavg("combine", root, "--drop-optimizer", "-o", out)[0] == 0
+    names = _names(out / "3")
+    assert names and not [n for n in names if n.startswith("optimizer_variables")]
+    assert len(names) == len([n for n in _names(root / "3") if "optimizer" not in n])
+    kv = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{out}/3/pytree/"}).result()
+    assert not [k for k in kv.list().result() if k.startswith(b"optimizer_variables")]
+    pytree = out / "3" / "pytree"
+    sharding = json.loads((pytree / "_sharding").read_text())
+    assert sorted(base64.b64decode(k).decode() for k in sharding) == sorted(names)
+    assert "optimizer_variables" not in (pytree / "array_metadatas" / "process_0").read_text()
 
 
 def test_unfinished_steps_are_skipped_and_reported(runs, tmp_path):

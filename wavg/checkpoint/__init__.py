@@ -2,7 +2,8 @@
 
 The format is recognised from the file's bytes, not its name: a zip archive is a ``.keras``
 model, an HDF5 file is a legacy ``.h5`` model, legacy weights or Keras 3 ``.weights.h5``
-(told apart by their layout, see `layouts`).
+(told apart by their layout, see `layouts`). A directory is an Orbax step if it holds
+one (see `orbax_steps`); an Orbax root stands for its committed steps (`expand_inputs`).
 """
 
 from __future__ import annotations
