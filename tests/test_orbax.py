@@ -22,7 +22,12 @@ import ml_dtypes
 import numpy as np
 import pytest
 import tensorstore as ts
+from hypothesis import given
+from hypothesis import strategies as st
 from kerasfiles import assert_one_line_error, run_wavg, scratch_dir
+
+from wavg.checkpoint.orbax import _parse_location, box_at, chunk_boxes
+from wavg.errors import UnsafeCheckpoint
 
 JOB = Path(__file__).with_name("orbax_keras_job.py")
 REPO = JOB.parent.parent
@@ -308,3 +313,62 @@ def test_without_tensorstore_an_orbax_input_gets_the_install_hint(runs, tmp_path
     done = _combine_without({"tensorstore"}, runs / "jax" / "functional", "-o", tmp_path / "out")
     assert_one_line_error(done.returncode, done.stderr, "pip install 'wavg[orbax]'")
     assert not (tmp_path / "out").exists()
+
+
+def test_arrays_stored_in_several_chunks_are_averaged_chunk_by_chunk(runs, tmp_path):
+    """As on several devices, where each chunk is one device's shard."""
+    root = _damaged(runs, tmp_path)
+    name = "trainable_variables.d1.kernel"
+    rng = np.random.default_rng(3)
+    for step in root.iterdir():
+        spec = {
+            "driver": "zarr3",
+            "kvstore": {"driver": "ocdbt", "base": f"file://{step}/pytree/", "path": f"{name}/"},
+            "metadata": {
+                "shape": [4, 8],
+                "data_type": "float32",
+                "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [3, 3]}},
+            },
+        }
+        store = ts.open(spec, create=True, delete_existing=True).result()
+        store.write(rng.random((4, 8), dtype=np.float32)).result()
+    out = tmp_path / "out"
+    assert run_wavg("combine", root, "--last", "3", "-o", out)[0] == 0
+    steps = [root / str(i) for i in (1, 2, 3)]
+    np.testing.assert_array_equal(_array(out / "3", name), _expected_mean(steps, name))
+    assert _chunks(out / "3", name) == _chunks(steps[-1], name) == (3, 3)
+
+
+def _chunks(step: Path, name: str) -> tuple[int, ...]:
+    spec = {
+        "driver": "zarr3",
+        "kvstore": {"driver": "ocdbt", "base": f"file://{step}/pytree/", "path": f"{name}/"},
+    }
+    return tuple(ts.open(spec).result().chunk_layout.read_chunk.shape)
+
+
+@given(
+    st.lists(st.integers(1, 9), min_size=0, max_size=3).flatmap(
+        lambda shape: st.tuples(
+            st.just(tuple(shape)),
+            st.tuples(*(st.integers(1, 10) for _ in shape)),
+        )
+    )
+)
+def test_chunk_boxes_cover_every_item_once_and_box_at_finds_each_box(case):
+    shape, chunk = case
+    seen = np.zeros(shape, np.int32)
+    for start, count, slices in chunk_boxes(shape, chunk):
+        seen[slices] += 1
+        assert seen[slices].size == count
+        assert box_at(shape, chunk, start) == slices
+    assert (seen == 1).all()
+
+
+@pytest.mark.parametrize(
+    "location",
+    ["btreenode::../outside/d/x:0:10", "value:/abs/:d/x:0:10", "value::d/../../x:0:10"],
+)
+def test_ocdbt_references_outside_the_store_are_refused(location):
+    with pytest.raises(UnsafeCheckpoint, match="outside the step"):
+        _parse_location(location, "step")
