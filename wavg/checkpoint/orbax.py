@@ -16,6 +16,7 @@ import math
 import os
 import secrets
 import shutil
+from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from wavg.errors import CheckpointError, CheckpointMismatch, OutputError, Unsafe
 AVERAGED_GROUPS = ("trainable_variables", "non_trainable_variables")
 OPTIMIZER_GROUP = "optimizer_variables"
 MODEL_CONFIG = Path("model_config") / "_strings.json"
-# Bytes of output blocks written concurrently before waiting for them.
+# Bytes of output blocks staged in memory before they are committed to the output store.
 WRITE_BATCH_BYTES = 64 << 20
 _PYTREE_METADATA = ("_METADATA", "_sharding", "array_metadatas")
 INSTALL_HINT = "reading Orbax checkpoints needs TensorStore: pip install 'wavg[orbax]'"
@@ -80,8 +81,10 @@ class OrbaxStep(Checkpoint):
         self._check_locations()
         self.stores: dict[str, Any] = {}
         self.chunks: dict[str, tuple[int, ...]] = {}
-        for name in self.names:
-            self.tensors[name] = self._open_array(name)
+        # Opened all at once: each open reads a zarr.json, and TensorStore overlaps them.
+        opening = {name: self._start_open(name) for name in self.names}
+        for name, future in opening.items():
+            self.tensors[name] = self._open_array(name, future)
         declared = sum(t.nbytes for t in self.tensors.values())
         if declared > EXPANSION_FLOOR_BYTES and declared > MAX_EXPANSION * self.file.size:
             raise UnsafeCheckpoint(
@@ -113,10 +116,13 @@ class OrbaxStep(Checkpoint):
                 ) from None
             pending.extend(_locations(node))
 
-    def _open_array(self, name: str) -> Tensor:
+    def _start_open(self, name: str) -> Any:
         spec = {"driver": "zarr3", "kvstore": {**self.kvstore, "path": f"{name}/"}}
+        return self.ts.open(spec, open=True, read=True, context=self.context)
+
+    def _open_array(self, name: str, opening: Any) -> Tensor:
         try:
-            store = self.ts.open(spec, open=True, read=True, context=self.context).result()
+            store = opening.result()
         except Exception as exc:
             raise CheckpointError(
                 self.path, f"array {name}: missing or damaged ({_message(exc)})"
@@ -149,13 +155,21 @@ class OrbaxStep(Checkpoint):
     def read(
         self, tensor: Tensor, start: int, count: int, slices: tuple[slice, ...], scratch: np.ndarray
     ) -> np.ndarray:
+        return self.finish_read(tensor, slices, self.start_read(tensor, slices))
+
+    def start_read(self, tensor: Tensor, slices: tuple[slice, ...]) -> Any:
+        """Start reading a block; `finish_read` waits for it (reads can overlap)."""
+        return self.stores[tensor.name][slices].read()
+
+    def finish_read(self, tensor: Tensor, slices: tuple[slice, ...], reading: Any) -> np.ndarray:
         try:
-            data = self.stores[tensor.name][slices].read().result()
+            data = reading.result()
         except Exception as exc:
             raise CheckpointError(
                 self.path, f"cannot read array {tensor.name} ({_message(exc)})"
             ) from None
         flat = np.ascontiguousarray(data).reshape(-1)
+        count = math.prod(s.stop - s.start for s in slices)
         if flat.size != count or flat.dtype != tensor.storage:
             raise CheckpointError(self.path, f"array {tensor.name} changed while it was read")
         return flat.view(tensor.dtype)
@@ -232,8 +246,13 @@ class OrbaxWriter(Writer):
             "config": _ocdbt_config(template),
         }
         self.stores: dict[str, Any] = {}
-        self._pending: list[Any] = []  # writes in flight, batched into few OCDBT commits
-        self._pending_bytes = 0
+        # Writes are staged in a transaction and committed every WRITE_BATCH_BYTES: each
+        # OCDBT commit writes a new B-tree, so one commit per small array would be slow and
+        # leave a store many times the data's size.
+        self._ts = ts
+        self._txn = ts.Transaction()
+        self._staged = 0
+        opening = {}
         for name in kept:
             spec = {
                 "driver": "zarr3",
@@ -242,41 +261,53 @@ class OrbaxWriter(Writer):
                 # As Orbax does: Orbax reads a missing chunk as an error, not as zeros.
                 "store_data_equal_to_fill_value": True,
             }
-            # Opened concurrently, so that their metadata lands in few OCDBT commits.
-            self.stores[name] = _ts_call(
-                lambda spec=spec: ts.open(spec, create=True, context=self.context)
+            opening[name] = _ts_call(
+                lambda spec=spec: ts.open(
+                    spec, create=True, context=self.context, transaction=self._txn
+                )
             )
-        for name in kept:
-            self.stores[name] = _ts_call(self.stores[name].result)
+        for name, future in opening.items():
+            self.stores[name] = _ts_call(future.result)
+        self._commit()
         self.order = [n for n in kept if template.tensors[n].averaged]
-        for name in kept:
-            tensor = template.tensors[name]
-            if not tensor.averaged:
-                for start, count, slices in template.blocks(tensor, 0):
-                    data = template.read(tensor, start, count, slices, np.empty(0, np.uint8))
-                    self._store(tensor, slices, data)
+        self._copy([template.tensors[n] for n in kept if not template.tensors[n].averaged])
+
+    def _copy(self, tensors: list[Tensor]) -> None:
+        """Copy `tensors` from the newest step, reading up to WRITE_BATCH_BYTES at once
+        (many small arrays: one read after another would wait on each)."""
+        blocks = deque(
+            (t, slices, count * t.storage.itemsize)
+            for t in tensors
+            for _, count, slices in self.template.blocks(t, 0)
+        )
+        while blocks:
+            batch, size = [], 0
+            while blocks and (not batch or size + blocks[0][2] <= WRITE_BATCH_BYTES):
+                tensor, slices, nbytes = blocks.popleft()
+                batch.append((tensor, slices, self.template.start_read(tensor, slices)))
+                size += nbytes
+            for tensor, slices, reading in batch:
+                self._store(tensor, slices, self.template.finish_read(tensor, slices, reading))
 
     def _store(self, tensor: Tensor, slices: tuple[slice, ...], data: np.ndarray) -> None:
-        """Start writing one block; waits for earlier writes once `WRITE_BATCH_BYTES` are
-        in flight (each OCDBT commit rewrites the manifest: one per block would be slow)."""
         shape = tuple(s.stop - s.start for s in slices)
         array = data.view(tensor.storage).reshape(shape)
-        self._pending.append(_ts_call(lambda: self.stores[tensor.name][slices].write(array)))
-        self._pending_bytes += array.nbytes
-        if self._pending_bytes >= WRITE_BATCH_BYTES:
-            self._drain()
+        store = self.stores[tensor.name].with_transaction(self._txn)
+        _ts_call(lambda: store[slices].write(array).result())
+        self._staged += array.nbytes
+        if self._staged >= WRITE_BATCH_BYTES:
+            self._commit()
 
-    def _drain(self) -> None:
-        pending, self._pending, self._pending_bytes = self._pending, [], 0
-        for future in pending:
-            _ts_call(future.result)
+    def _commit(self) -> None:
+        txn, self._txn, self._staged = self._txn, self._ts.Transaction(), 0
+        _ts_call(lambda: txn.commit_async().result())
 
     def write(self, tensor: Tensor, start: int, data: np.ndarray) -> None:
         chunk = self.template.chunks[tensor.name]
         self._store(tensor, box_at(tensor.shape, chunk, start), data)
 
     def finish(self) -> int:
-        self._drain()
+        self._commit()
         marker = f"Checkpoint commit was successful to {self.final_step}"
         for directory in (self.step / PYTREE, self.step / "model_config", self.step):
             if directory.is_dir():
@@ -284,10 +315,8 @@ class OrbaxWriter(Writer):
         return _fsync_tree(self.root)
 
     def close(self) -> None:
-        for future in self._pending:
-            with contextlib.suppress(Exception):
-                future.result()  # the temporary root is removed only once writes stopped
-        self._pending.clear()
+        with contextlib.suppress(Exception):
+            self._txn.abort()  # nothing staged survives a failure
         self.stores.clear()
 
 
