@@ -73,11 +73,13 @@ def runs() -> Path:
     return base
 
 
+def _store_spec(step: Path, name: str) -> dict:
+    base = {"driver": "file", "path": f"{step}/pytree/"}
+    return {"driver": "zarr3", "kvstore": {"driver": "ocdbt", "base": base, "path": f"{name}/"}}
+
+
 def _array(step: Path, name: str) -> np.ndarray:
-    spec = {
-        "driver": "zarr3",
-        "kvstore": {"driver": "ocdbt", "base": f"file://{step}/pytree/", "path": f"{name}/"},
-    }
+    spec = _store_spec(step, name)
     return ts.open(spec).result().read().result()
 
 
@@ -155,7 +157,7 @@ def test_drop_optimizer_leaves_the_optimizer_out_of_arrays_and_metadata(runs, tm
     names = _names(out / "3")
     assert names and not [n for n in names if n.startswith("optimizer_variables")]
     assert len(names) == len([n for n in _names(root / "3") if "optimizer" not in n])
-    kv = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{out}/3/pytree/"}).result()
+    kv = ts.KvStore.open(_store_spec(out / "3", "x")["kvstore"] | {"path": ""}).result()
     assert not [k for k in kv.list().result() if k.startswith(b"optimizer_variables")]
     pytree = out / "3" / "pytree"
     sharding = json.loads((pytree / "_sharding").read_text())
@@ -201,6 +203,16 @@ def test_step_directories_can_be_given_one_by_one(runs, tmp_path):
     )
 
 
+def test_paths_with_percent_signs_spaces_and_hashes_are_taken_literally(runs, tmp_path):
+    folder = tmp_path / "a %20 #b"
+    shutil.copytree(runs / "jax" / "functional", folder / "root")
+    code, _, stderr = run_wavg("combine", folder / "root", "-o", folder / "out")
+    assert code == 0, stderr
+    name = "trainable_variables.d1.kernel"
+    steps = [folder / "root" / str(i) for i in range(4)]
+    np.testing.assert_array_equal(_array(folder / "out" / "3", name), _expected_mean(steps, name))
+
+
 def _damaged(runs: Path, tmp_path: Path) -> Path:
     root = tmp_path / "root"
     shutil.copytree(runs / "jax" / "functional", root)
@@ -216,10 +228,7 @@ def _refused(root: Path, tmp_path: Path, *words: str) -> None:
 
 def _rewrite(step: Path, name: str, data: np.ndarray) -> None:
     """Replace an array of a step with `data` (another shape or dtype), as TensorStore would."""
-    spec = {
-        "driver": "zarr3",
-        "kvstore": {"driver": "ocdbt", "base": f"file://{step}/pytree/", "path": f"{name}/"},
-    }
+    spec = _store_spec(step, name)
     store = ts.open(spec, create=True, delete_existing=True, dtype=data.dtype, shape=data.shape)
     store.result().write(data).result()
 
@@ -322,8 +331,7 @@ def test_arrays_stored_in_several_chunks_are_averaged_chunk_by_chunk(runs, tmp_p
     rng = np.random.default_rng(3)
     for step in root.iterdir():
         spec = {
-            "driver": "zarr3",
-            "kvstore": {"driver": "ocdbt", "base": f"file://{step}/pytree/", "path": f"{name}/"},
+            **_store_spec(step, name),
             "metadata": {
                 "shape": [4, 8],
                 "data_type": "float32",
@@ -340,10 +348,7 @@ def test_arrays_stored_in_several_chunks_are_averaged_chunk_by_chunk(runs, tmp_p
 
 
 def _chunks(step: Path, name: str) -> tuple[int, ...]:
-    spec = {
-        "driver": "zarr3",
-        "kvstore": {"driver": "ocdbt", "base": f"file://{step}/pytree/", "path": f"{name}/"},
-    }
+    spec = _store_spec(step, name)
     return tuple(ts.open(spec).result().chunk_layout.read_chunk.shape)
 
 

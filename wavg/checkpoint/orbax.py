@@ -77,7 +77,7 @@ class OrbaxStep(Checkpoint):
                 path, "is an Orbax step without OCDBT/zarr3 storage; wavg reads only those"
             )
         self.names = _array_names(meta, path)
-        self.kvstore = {"driver": "ocdbt", "base": f"file://{pytree.resolve()}/"}
+        self.kvstore = {"driver": "ocdbt", "base": _file_kvstore(pytree)}
         self._check_locations()
         self.stores: dict[str, Any] = {}
         self.chunks: dict[str, tuple[int, ...]] = {}
@@ -242,7 +242,7 @@ class OrbaxWriter(Writer):
         self.context = ts.Context()
         base = {
             "driver": "ocdbt",
-            "base": f"file://{(self.step / PYTREE).resolve()}/",
+            "base": _file_kvstore(self.step / PYTREE),
             "config": _ocdbt_config(template),
         }
         self.stores: dict[str, Any] = {}
@@ -354,6 +354,12 @@ def _product(ranges: list[range]) -> Iterator[tuple[int, ...]]:
     for head in ranges[0]:
         for rest in _product(ranges[1:]):
             yield (head, *rest)
+
+
+def _file_kvstore(directory: Path) -> dict:
+    """A TensorStore spec for a local directory (a JSON spec, not a URL: a URL would
+    percent-decode a path holding ``%`` or stop at a ``#``)."""
+    return {"driver": "file", "path": f"{directory.resolve()}/"}
 
 
 def _ts_call(call: Callable[[], Any]) -> Any:
