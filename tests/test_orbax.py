@@ -246,6 +246,18 @@ def test_steps_whose_arrays_differ_are_refused_naming_step_and_array(runs, tmp_p
     _refused(root, tmp_path, str(root / "2"), "trainable_variables.d1.kernel", *words)
 
 
+def test_an_array_declaring_far_more_than_the_step_stores_is_refused(runs, tmp_path):
+    root = _damaged(runs, tmp_path)
+    name = "trainable_variables.d1.kernel"
+    shape = [1 << 20, 1 << 10]  # 4 GiB of float32 in one chunk, none of it stored
+    metadata = {"shape": shape, "data_type": "float32"}
+    metadata["chunk_grid"] = {"name": "regular", "configuration": {"chunk_shape": shape}}
+    ts.open(
+        {**_store_spec(root / "3", name), "metadata": metadata}, create=True, delete_existing=True
+    ).result()
+    _refused(root, tmp_path, str(root / "3"), "decompression bomb")
+
+
 def test_a_step_missing_an_array_is_refused(runs, tmp_path):
     root = _damaged(runs, tmp_path)
     meta_path = root / "1" / "pytree" / "_METADATA"
