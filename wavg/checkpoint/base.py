@@ -110,7 +110,7 @@ class Checkpoint:
         return iter_blocks(tensor.shape, 1, budget)
 
     def check_output(self, out: Path) -> None:
-        """Refuse, before anything is read, an output path this format cannot create."""
+        """Refuse, before any tensor is read or written, an output this format cannot create."""
         check_output_dir(out)
 
     def check_matches(self, newest: Checkpoint) -> None:
