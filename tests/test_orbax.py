@@ -389,3 +389,14 @@ def test_chunk_boxes_cover_every_item_once_and_box_at_finds_each_box(case):
 def test_ocdbt_references_outside_the_store_are_refused(location):
     with pytest.raises(UnsafeCheckpoint, match="outside the step"):
         _parse_location(location, "step")
+
+
+def test_a_killed_runs_temporary_root_is_removed_by_the_next_run(runs, tmp_path):
+    finished = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    leftover = tmp_path / f".out.wavg-tmp-{int(finished.stdout)}-0000"
+    (leftover / "3").mkdir(parents=True)
+    code, _, stderr = run_wavg("combine", runs / "jax" / "functional", "-o", tmp_path / "out")
+    assert code == 0, stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
