@@ -22,7 +22,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import tensorstore as ts
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from kerasfiles import assert_one_line_error, run_wavg, scratch_dir
 
@@ -364,6 +364,7 @@ def _chunks(step: Path, name: str) -> tuple[int, ...]:
     return tuple(ts.open(spec).result().chunk_layout.read_chunk.shape)
 
 
+@settings(deadline=None)  # no test may depend on timing or machine load
 @given(
     st.lists(st.integers(1, 9), min_size=0, max_size=3).flatmap(
         lambda shape: st.tuples(
