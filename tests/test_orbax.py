@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -401,3 +402,23 @@ def test_a_killed_runs_temporary_root_is_removed_by_the_next_run(runs, tmp_path)
     code, _, stderr = run_wavg("combine", runs / "jax" / "functional", "-o", tmp_path / "out")
     assert code == 0, stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_sigterm_while_writing_leaves_no_output_and_no_temporary_root(runs, tmp_path):
+    """Whenever the signal lands, OUT is either absent or complete, and nothing else is left."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "wavg.cli", "combine", str(runs / "jax" / "functional")]
+    for _ in range(3):
+        shutil.rmtree(out, ignore_errors=True)
+        proc = subprocess.Popen([*cmd, "-o", str(out)], stderr=subprocess.PIPE, text=True)
+        while proc.poll() is None and not any(".wavg-tmp-" in p.name for p in tmp_path.iterdir()):
+            pass  # until it starts writing its temporary root, or ends
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+        assert [p.name for p in tmp_path.iterdir() if p.name != "out"] == []
+        if out.exists():  # the signal came once the output was in place (even at exit)
+            assert (out / "3" / "commit_success.txt").is_file()
+            assert proc.returncode in (0, 143, -signal.SIGTERM), stderr
+        else:
+            assert proc.returncode == 143, stderr
+            assert "Traceback" not in stderr and not out.exists(), stderr

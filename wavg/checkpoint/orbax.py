@@ -28,7 +28,14 @@ from wavg.checkpoint.base import Checkpoint, Writer
 from wavg.checkpoint.hdf5 import BFLOAT16, EXPANSION_FLOOR_BYTES, MAX_EXPANSION, Tensor
 from wavg.checkpoint.layouts import Layout
 from wavg.checkpoint.orbax_steps import COMMIT_MARKER, PYTREE, StepFiles
-from wavg.errors import CheckpointError, CheckpointMismatch, OutputError, UnsafeCheckpoint
+from wavg.errors import (
+    CheckpointError,
+    CheckpointMismatch,
+    OutputError,
+    UnsafeCheckpoint,
+    WavgError,
+)
+from wavg.signals import signals_held
 
 AVERAGED_GROUPS = ("trainable_variables", "non_trainable_variables")
 OPTIMIZER_GROUP = "optimizer_variables"
@@ -98,6 +105,8 @@ class OrbaxStep(Checkpoint):
         kv = self.ts.KvStore.open(self.kvstore["base"], context=self.context).result()
         try:
             manifest = self.ts.ocdbt.dump(kv).result()
+        except WavgError:
+            raise  # an interruption (SIGINT/SIGTERM) raised while TensorStore waited
         except Exception as exc:
             raise CheckpointError(self.path, f"damaged OCDBT manifest ({_message(exc)})") from None
         pending = list(_locations(manifest))
@@ -110,6 +119,8 @@ class OrbaxStep(Checkpoint):
             seen.add(location)
             try:
                 node = self.ts.ocdbt.dump(kv, location).result()
+            except WavgError:
+                raise  # an interruption (SIGINT/SIGTERM) raised while TensorStore waited
             except Exception as exc:
                 raise CheckpointError(
                     self.path, f"damaged OCDBT node in {file} ({_message(exc)})"
@@ -123,6 +134,8 @@ class OrbaxStep(Checkpoint):
     def _open_array(self, name: str, opening: Any) -> Tensor:
         try:
             store = opening.result()
+        except WavgError:
+            raise  # an interruption (SIGINT/SIGTERM) raised while TensorStore waited
         except Exception as exc:
             raise CheckpointError(
                 self.path, f"array {name}: missing or damaged ({_message(exc)})"
@@ -164,6 +177,8 @@ class OrbaxStep(Checkpoint):
     def finish_read(self, tensor: Tensor, slices: tuple[slice, ...], reading: Any) -> np.ndarray:
         try:
             data = reading.result()
+        except WavgError:
+            raise  # an interruption (SIGINT/SIGTERM) raised while TensorStore waited
         except Exception as exc:
             raise CheckpointError(
                 self.path, f"cannot read array {tensor.name} ({_message(exc)})"
@@ -207,13 +222,14 @@ class OrbaxStep(Checkpoint):
         self.check_output(out)
         _remove_stale_roots(out)
         tmp = Path(f"{temp_prefix(out)}{os.getpid()}-{secrets.token_hex(4)}")
+        # Created inside the try: a signal handled right after mkdir must reach the cleanup.
         try:
-            tmp.mkdir()
-        except OSError as exc:
-            raise OutputError(
-                out, f"cannot create a directory in {out.parent} ({exc.strerror})"
-            ) from None
-        try:
+            try:
+                tmp.mkdir()
+            except OSError as exc:
+                raise OutputError(
+                    out, f"cannot create a directory in {out.parent} ({exc.strerror})"
+                ) from None
             writer = OrbaxWriter(self, tmp, out, keep)
             try:
                 yield writer
@@ -222,8 +238,9 @@ class OrbaxStep(Checkpoint):
             os.rename(tmp, out)
             fsync_directory(out.parent)
         finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+            with signals_held():  # a second SIGTERM must not cut the cleanup short
+                if tmp.exists():  # its name is this process's and random: never another's
+                    shutil.rmtree(tmp, ignore_errors=True)
 
 
 class OrbaxWriter(Writer):
@@ -236,22 +253,31 @@ class OrbaxWriter(Writer):
         self.root = tmp_root
         self.final_step = out / template.root.name
         self.step = tmp_root / template.root.name
-        kept = [n for n in template.names if keep is None or keep(n)]
+        self.stores: dict[str, Any] = {}
+        # Writes are staged in a transaction and committed every WRITE_BATCH_BYTES: each
+        # OCDBT commit writes a new B-tree, so one commit per small array would be slow and
+        # leave a store many times the data's size.
+        self._ts = template.ts
+        self._txn = self._ts.Transaction()
+        self._committing: Any = None
+        self._staged = 0
+        self.order: list[str] = []
+        try:
+            self._start([n for n in template.names if keep is None or keep(n)])
+        except BaseException:
+            self.close()  # a commit may be under way (see close)
+            raise
+
+    def _start(self, kept: list[str]) -> None:
+        """Lay out the step: metadata, every array created, the copied arrays written."""
+        template, ts = self.template, self._ts
         _copy_metadata(template.root, self.step, set(kept))
-        ts = template.ts
         self.context = ts.Context()
         base = {
             "driver": "ocdbt",
             "base": _file_kvstore(self.step / PYTREE),
             "config": _ocdbt_config(template),
         }
-        self.stores: dict[str, Any] = {}
-        # Writes are staged in a transaction and committed every WRITE_BATCH_BYTES: each
-        # OCDBT commit writes a new B-tree, so one commit per small array would be slow and
-        # leave a store many times the data's size.
-        self._ts = ts
-        self._txn = ts.Transaction()
-        self._staged = 0
         opening = {}
         for name in kept:
             spec = {
@@ -300,7 +326,9 @@ class OrbaxWriter(Writer):
 
     def _commit(self) -> None:
         txn, self._txn, self._staged = self._txn, self._ts.Transaction(), 0
-        _ts_call(lambda: txn.commit_async().result())
+        self._committing = txn.commit_async()
+        _ts_call(self._committing.result)
+        self._committing = None
 
     def write(self, tensor: Tensor, start: int, data: np.ndarray) -> None:
         chunk = self.template.chunks[tensor.name]
@@ -315,8 +343,14 @@ class OrbaxWriter(Writer):
         return _fsync_tree(self.root)
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self._txn.abort()  # nothing staged survives a failure
+        # An interrupted commit goes on in TensorStore's threads: wait for it, or it would
+        # write into the temporary root after its removal.
+        with signals_held():
+            if self._committing is not None:
+                with contextlib.suppress(Exception):
+                    self._committing.result()
+            with contextlib.suppress(Exception):
+                self._txn.abort()  # nothing staged survives a failure
         self.stores.clear()
 
 
@@ -369,6 +403,8 @@ def _ts_call(call: Callable[[], Any]) -> Any:
         return call()
     except OSError:
         raise
+    except WavgError:
+        raise  # an interruption (SIGINT/SIGTERM) raised while TensorStore waited
     except Exception as exc:
         raise OSError(errno.EIO, _message(exc)) from None
 
