@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import IO
 
@@ -412,7 +413,7 @@ def test_sigterm_while_writing_leaves_no_output_and_no_temporary_root(runs, tmp_
         shutil.rmtree(out, ignore_errors=True)
         proc = subprocess.Popen([*cmd, "-o", str(out)], stderr=subprocess.PIPE, text=True)
         while proc.poll() is None and not any(".wavg-tmp-" in p.name for p in tmp_path.iterdir()):
-            pass  # until it starts writing its temporary root, or ends
+            time.sleep(0.001)  # until it starts writing its temporary root, or ends
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=120)
         assert [p.name for p in tmp_path.iterdir() if p.name != "out"] == []
