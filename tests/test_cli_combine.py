@@ -21,6 +21,7 @@ JSON_KEYS = {
     "format",
     "tensors",
     "copied_tensors",
+    "requantized_layers",
     "bytes_read",
     "bytes_written",
     "seconds",

@@ -21,6 +21,7 @@ from rich.table import Table
 from wavg.combine import CombinePlan, plan_combine, run_plan
 from wavg.errors import EXIT_INTERRUPTED, EXIT_USAGE, UsageError, WavgError
 from wavg.ordering import ORDERS
+from wavg.quantized_combine import POLICIES
 from wavg.schemes import DEFAULT_ALPHA, SCHEMES, parse_weight_list
 
 _stderr = Console(stderr=True)
@@ -107,6 +108,13 @@ def cli() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @click.option("--allow-nonfinite", is_flag=True, help="Average tensors that hold NaN or Inf.")
 @click.option("--drop-optimizer", is_flag=True, help="Leave the optimizer state out of the output.")
+@click.option(
+    "--quantized",
+    type=click.Choice(POLICIES),
+    default="refuse",
+    show_default=True,
+    help="Quantized (int8/int4) inputs: refuse them, or dequantize, average and requantize.",
+)
 def combine(
     checkpoints: tuple[str, ...],
     output: str,
@@ -119,6 +127,7 @@ def combine(
     as_json: bool,
     allow_nonfinite: bool,
     drop_optimizer: bool,
+    quantized: str,
 ) -> None:
     """Average CHECKPOINTS (one training run's last epochs) into one checkpoint.
 
@@ -147,6 +156,7 @@ def combine(
             drop_optimizer=drop_optimizer,
             dry_run=dry_run,
             progress=progress,
+            quantized=quantized,
             on_ready=lambda summary: _render_plan(plan, summary.warnings),
         )
     if as_json:
@@ -157,8 +167,13 @@ def combine(
             f"averaged, {summary.copied_tensors} copied); nothing written"
         )
     else:
+        requantized = (
+            f", {summary.requantized_layers} quantized layers requantized"
+            if summary.requantized_layers
+            else ""
+        )
         click.echo(
-            f"wrote {output} ({summary.format}, {summary.tensors} tensors averaged, "
+            f"wrote {output} ({summary.format}, {summary.tensors} tensors averaged{requantized}, "
             f"{summary.copied_tensors} copied, {_size(summary.bytes_written)}) "
             f"in {summary.seconds:.2f} s"
         )

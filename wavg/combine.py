@@ -31,6 +31,7 @@ from wavg.errors import (
     UsageError,
 )
 from wavg.ordering import epoch_numbers, order_checkpoints
+from wavg.quantized_combine import Requantizer, check_policy, mark_written, plan_quantized
 from wavg.schemes import DEFAULT_ALPHA, raw_weights
 
 # Items per block: 1 Mi items keeps the float64 sum and its scratch at 16 MiB.
@@ -76,6 +77,7 @@ class CombineSummary:
     dry_run: bool
     dropped_optimizer: bool = False
     warnings: list[str] = field(default_factory=list)
+    requantized_layers: int = 0  # quantized layers averaged and requantized
 
     def to_json(self) -> dict:
         """A JSON-ready dict; the schema is documented in the README and kept stable."""
@@ -138,6 +140,7 @@ def combine(
     drop_optimizer: bool = False,
     dry_run: bool = False,
     progress: Progress | None = None,
+    quantized: str = "refuse",
 ) -> CombineSummary:
     """Average checkpoint files into `out` and return a summary.
 
@@ -145,6 +148,10 @@ def combine(
     non-float tensors and optimizer state; every float model weight is the weighted mean of
     all files. `out` is replaced atomically and never left partial. Raises a `WavgError`
     subclass for every problem with the request, the inputs or the output.
+
+    Quantized layers (``model.quantize``) are refused unless `quantized` is
+    ``"requantize"``: then int8/int4 kernels are dequantized, averaged and quantized again
+    exactly as Keras would (see `wavg.quantized_combine`).
 
     >>> combine(["model_498.h5", "model_499.h5"], "avg.h5", scheme="exp", alpha=2)  # doctest: +SKIP
     """
@@ -156,6 +163,7 @@ def combine(
         drop_optimizer=drop_optimizer,
         dry_run=dry_run,
         progress=progress,
+        quantized=quantized,
     )
 
 
@@ -169,6 +177,7 @@ def run_plan(
     progress: Progress | None = None,
     on_ready: Callable[[CombineSummary], None] | None = None,
     block_items: int = BLOCK_ITEMS,
+    quantized: str = "refuse",
 ) -> CombineSummary:
     """Carry out a `CombinePlan` (see `combine`).
 
@@ -177,6 +186,7 @@ def run_plan(
     """
     started = time.perf_counter()
     out_path = Path(out)
+    check_policy(quantized)
     _refuse_output_among_inputs(out_path, plan.inputs)
     if not out_path.is_dir():  # a directory may suit a directory format: the format decides
         check_output_dir(out_path)
@@ -191,8 +201,11 @@ def run_plan(
                 ckpt.file.keep_open = False
                 ckpt.release()
         newest = inputs[-1]
+        requantizer = plan_quantized(inputs, plan.raw_weights, quantized, block_items)
         _check_compatible(inputs, out_path)
         newest.check_output(out_path)
+        if requantizer is not None:
+            mark_written(newest, requantizer)
         averaged = [t for t in newest.tensors.values() if t.averaged]
         summary = CombineSummary(
             inputs=list(plan.inputs),
@@ -209,6 +222,7 @@ def run_plan(
             seconds=0.0,
             dry_run=dry_run,
             dropped_optimizer=drop_optimizer,
+            requantized_layers=requantizer.layers if requantizer is not None else 0,
         )
         summary.warnings.extend(plan.warnings)
         summary.warnings.extend(_copied_weight_warnings(newest))
@@ -224,6 +238,7 @@ def run_plan(
                 drop_optimizer,
                 progress,
                 block_items,
+                requantizer,
             )
     finally:
         for ckpt in inputs:
@@ -343,6 +358,7 @@ def _write_average(
     drop_optimizer: bool,
     progress: Progress | None,
     block_items: int,
+    requantizer: Requantizer | None = None,
 ) -> None:
     newest = inputs[-1]
     layout = newest.layout
@@ -356,7 +372,7 @@ def _write_average(
             tensors = [newest.tensors[name] for name in writer.order]
             total = sum(t.nbytes for t in tensors) * len(averager.members)
             done = 0
-            for tensor, start, data in averager.blocks(tensors):
+            for tensor, start, data in _ordered_blocks(averager, requantizer, tensors):
                 writer.write(tensor, start, data)
                 done += data.nbytes * len(averager.members)
                 if progress is not None:
@@ -367,6 +383,25 @@ def _write_average(
             summary.bytes_written = writer.finish()
     except OSError as exc:
         raise OutputError(out, f"cannot write ({_reason(exc)})") from None
+
+
+def _ordered_blocks(
+    averager: BlockAverager, requantizer: Requantizer | None, tensors: list[Tensor]
+) -> Iterator[tuple[Tensor, int, np.ndarray]]:
+    """Every block in file order: a requantized layer's tensors from the requantizer, the
+    runs of other tensors between them from the averager."""
+    if requantizer is None:
+        yield from averager.blocks(tensors)
+        return
+    run: list[Tensor] = []
+    for tensor in tensors:
+        if requantizer.owns(tensor.name):
+            yield from averager.blocks(run)
+            run = []
+            yield from requantizer.blocks(tensor)
+        else:
+            run.append(tensor)
+    yield from averager.blocks(run)
 
 
 class BlockAverager:

@@ -147,6 +147,11 @@ class Checkpoint:
             if not self.file.keep_open:
                 self._close_h5()
 
+    def model_config(self) -> dict | None:
+        """The stored model config as parsed JSON, or None when the format keeps none
+        (``.weights.h5``) or it is unreadable. Read as data only, never deserialized."""
+        return None
+
     def weights_bytes(self) -> tuple[int, int] | None:
         """``(start, length)`` of the HDF5 weights file inside this input when its bytes can
         serve as the output's as they are (every averaged tensor is raw), else None."""

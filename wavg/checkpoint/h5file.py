@@ -6,6 +6,7 @@ at the temporary path, whose averaged tensors are then filled in place with ``pw
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 
@@ -39,6 +40,16 @@ class H5Checkpoint(Checkpoint):
         h5 = open_hdf5_path(self.path)
         self.file.check_unchanged()
         return h5
+
+    def model_config(self) -> dict | None:
+        # Read only after `_load_tensors` has checked the global heaps that hold the string.
+        try:
+            with self.weights_h5() as h5:
+                text = h5.attrs.get("model_config")
+            config = json.loads(text) if text is not None else None
+        except (OSError, RuntimeError, ValueError, TypeError):  # RecursionError: RuntimeError
+            return None
+        return config if isinstance(config, dict) else None
 
     def weights_bytes(self) -> tuple[int, int] | None:
         return (0, self.file.size) if self.raw_readable else None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import struct
 import zipfile
@@ -156,6 +157,15 @@ class KerasCheckpoint(Checkpoint):
                 return archive.read(name)
             except _ZIP_ERRORS as exc:
                 raise CheckpointError(self.path, f"damaged archive member {name} ({exc})") from None
+
+    def model_config(self) -> dict | None:
+        if "config.json" not in self.members:
+            return None
+        try:
+            config = json.loads(self.read_member("config.json"))
+        except (CheckpointError, ValueError, RecursionError):
+            return None
+        return config if isinstance(config, dict) else None
 
     def weights_bytes(self) -> tuple[int, int] | None:
         if self._data_start is None or not self.raw_readable:
