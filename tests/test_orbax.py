@@ -260,6 +260,13 @@ def test_an_array_declaring_far_more_than_the_step_stores_is_refused(runs, tmp_p
     _refused(root, tmp_path, str(root / "3"), "decompression bomb")
 
 
+def test_quantized_kernels_are_refused_not_copied_beside_averaged_scales(runs, tmp_path):
+    root = _damaged(runs, tmp_path)
+    for step in root.iterdir():
+        _rewrite(step, "trainable_variables.d1.kernel", np.ones((4, 8), np.int8))
+    _refused(root, tmp_path, "trainable_variables.d1.kernel", "quantized")
+
+
 def test_a_step_missing_an_array_is_refused(runs, tmp_path):
     root = _damaged(runs, tmp_path)
     meta_path = root / "1" / "pytree" / "_METADATA"

@@ -28,6 +28,8 @@ from wavg.checkpoint.base import Checkpoint, Writer
 from wavg.checkpoint.hdf5 import BFLOAT16, EXPANSION_FLOOR_BYTES, MAX_EXPANSION, Tensor
 from wavg.checkpoint.layouts import Layout
 from wavg.checkpoint.orbax_steps import COMMIT_MARKER, PYTREE, StepFiles
+from wavg.checkpoint.quantized import HINT as QUANTIZED_HINT
+from wavg.checkpoint.quantized import QuantizedCheckpoint
 from wavg.errors import (
     CheckpointError,
     CheckpointMismatch,
@@ -92,6 +94,7 @@ class OrbaxStep(Checkpoint):
         opening = {name: self._start_open(name) for name in self.names}
         for name, future in opening.items():
             self.tensors[name] = self._open_array(name, future)
+        _refuse_quantized(self)
         declared = sum(t.nbytes for t in self.tensors.values())
         if declared > EXPANSION_FLOOR_BYTES and declared > MAX_EXPANSION * self.file.size:
             raise UnsafeCheckpoint(
@@ -449,6 +452,23 @@ def _array_names(meta: dict, step: str) -> list[str]:
     if len(set(names)) != len(names):
         raise CheckpointError(step, "pytree/_METADATA lists an array twice")
     return names
+
+
+def _refuse_quantized(step: OrbaxStep) -> None:
+    """An 8-bit integer matrix among the model's variables is a quantized kernel: its
+    float scales would be averaged and the kernel copied, a model that is neither an
+    average nor any input. Refused, whatever ``--quantized`` says (Orbax steps are not
+    requantized)."""
+    for tensor in step.tensors.values():
+        group = tensor.name.split(".", 1)[0]
+        integer8 = tensor.storage.kind in "iu" and tensor.storage.itemsize == 1
+        if group in AVERAGED_GROUPS and integer8 and len(tensor.shape) >= 2:
+            raise QuantizedCheckpoint(
+                step.path,
+                f"tensor {tensor.name} is quantized ({tensor.storage}); averaging quantized "
+                f"weights gives a model that is no average of the run: {QUANTIZED_HINT} "
+                "(Orbax steps are not requantized)",
+            )
 
 
 def _holds_array(entry: dict) -> bool:
