@@ -163,7 +163,7 @@ def combine(
         click.echo(json.dumps(summary.to_json(), indent=2))
     elif dry_run:
         click.echo(
-            f"dry run: would write {output} ({summary.format}, {summary.tensors} tensors "
+            f"dry run: would write {summary.output} ({summary.format}, {summary.tensors} tensors "
             f"averaged, {summary.copied_tensors} copied); nothing written"
         )
     else:
@@ -173,7 +173,8 @@ def combine(
             else ""
         )
         click.echo(
-            f"wrote {output} ({summary.format}, {summary.tensors} tensors averaged{requantized}, "
+            f"wrote {summary.output} ({summary.format}, {summary.tensors} tensors averaged"
+            f"{requantized}, "
             f"{summary.copied_tensors} copied, {_size(summary.bytes_written)}) "
             f"in {summary.seconds:.2f} s"
         )

@@ -22,7 +22,13 @@ from pathlib import Path
 import numpy as np
 
 from wavg.atomic import check_output_dir
-from wavg.checkpoint import Checkpoint, Tensor, expand_inputs, open_checkpoint
+from wavg.checkpoint import (
+    Checkpoint,
+    Tensor,
+    expand_checkpoint_dirs,
+    open_checkpoint,
+    staged_output,
+)
 from wavg.errors import (
     CheckpointError,
     CheckpointMismatch,
@@ -30,6 +36,7 @@ from wavg.errors import (
     OutputError,
     UsageError,
 )
+from wavg.locations import Location, Url, as_location, expand_inputs, identity_key
 from wavg.ordering import epoch_numbers, order_checkpoints
 from wavg.quantized_combine import Requantizer, check_policy, mark_written, plan_quantized
 from wavg.schemes import DEFAULT_ALPHA, raw_weights
@@ -49,7 +56,7 @@ Progress = Callable[[int, int], None]
 class CombinePlan:
     """What will be averaged: files oldest first, their epochs and normalised weights."""
 
-    inputs: list[Path]
+    inputs: list[Location]
     epochs: list[int | None]
     weights: list[float]
     scheme: str
@@ -62,12 +69,12 @@ class CombinePlan:
 class CombineSummary:
     """What a combine did (or, with dry_run, would do)."""
 
-    inputs: list[Path]
+    inputs: list[Location]
     epochs: list[int | None]
     weights: list[float]
     scheme: str
     alpha: float | None
-    output: Path
+    output: Location
     format: str
     tensors: int  # averaged tensors
     copied_tensors: int  # tensors copied from the newest checkpoint
@@ -78,6 +85,8 @@ class CombineSummary:
     dropped_optimizer: bool = False
     warnings: list[str] = field(default_factory=list)
     requantized_layers: int = 0  # quantized layers averaged and requantized
+    bytes_fetched: int = 0  # from object storage (0 for local inputs)
+    requests: int = 0  # requests made to object storage
 
     def to_json(self) -> dict:
         """A JSON-ready dict; the schema is documented in the README and kept stable."""
@@ -103,14 +112,12 @@ def plan_combine(
 ) -> CombinePlan:
     """Order the files (oldest first) and weight them; reads no file contents.
 
-    Custom `weights` are in the final order, oldest first, after `last` is applied. A
-    directory of checkpoints (an OrbaxCheckpoint root) stands for its committed steps.
+    Names may be URLs; quoted globs are expanded (see `wavg.locations.expand_inputs`), and
+    a directory of checkpoints (an OrbaxCheckpoint root) stands for its committed steps.
+    Custom `weights` are in the final order, oldest first, after `last` is applied.
     """
-    paths, skipped = expand_inputs([os.fspath(p) for p in paths])
-    for path in paths:
-        if not os.path.lexists(path):
-            raise CheckpointError(path, "no such file")
-    ordered = order_checkpoints(paths, order, last)
+    found, skipped = expand_checkpoint_dirs(expand_inputs(paths))
+    ordered = order_checkpoints(found, order, last)
     if weights is not None:
         scheme = "custom"
     raw = raw_weights(len(ordered), "equal" if weights is not None else scheme, alpha, weights)
@@ -185,64 +192,72 @@ def run_plan(
     written (the CLI prints its plan table there, so a bad input prints only its error).
     """
     started = time.perf_counter()
-    out_path = Path(out)
+    out_location = as_location(out)
     check_policy(quantized)
-    _refuse_output_among_inputs(out_path, plan.inputs)
-    if not out_path.is_dir():  # a directory may suit a directory format: the format decides
-        check_output_dir(out_path)
+    _refuse_output_among_inputs(out_location, plan.inputs)
     inputs: list[Checkpoint] = []
-    try:
-        keep_open = len(plan.inputs) <= _descriptor_budget()
-        for path in plan.inputs:
-            ckpt = open_checkpoint(os.fspath(path))
-            inputs.append(ckpt)
-            ckpt.trim()
-            if not keep_open:
-                ckpt.file.keep_open = False
-                ckpt.release()
-        newest = inputs[-1]
-        requantizer = plan_quantized(inputs, plan.raw_weights, quantized, block_items)
-        _check_compatible(inputs, out_path)
-        newest.check_output(out_path)
-        if requantizer is not None:
-            mark_written(newest, requantizer)
-        averaged = [t for t in newest.tensors.values() if t.averaged]
-        summary = CombineSummary(
-            inputs=list(plan.inputs),
-            epochs=list(plan.epochs),
-            weights=list(plan.weights),
-            scheme=plan.scheme,
-            alpha=plan.alpha,
-            output=out_path,
-            format=newest.layout.name,
-            tensors=len(averaged),
-            copied_tensors=len(newest.tensors) - len(averaged),
-            bytes_read=0,
-            bytes_written=0,
-            seconds=0.0,
-            dry_run=dry_run,
-            dropped_optimizer=drop_optimizer,
-            requantized_layers=requantizer.layers if requantizer is not None else 0,
-        )
-        summary.warnings.extend(plan.warnings)
-        summary.warnings.extend(_copied_weight_warnings(newest))
-        if on_ready is not None:
-            on_ready(summary)
-        if not dry_run:
-            _write_average(
-                inputs,
-                plan.raw_weights,
-                out_path,
-                summary,
-                allow_nonfinite,
-                drop_optimizer,
-                progress,
-                block_items,
-                requantizer,
+    with staged_output(out_location) as out_path:
+        if not out_path.is_dir():  # a directory may suit a directory format: it decides
+            check_output_dir(out_path)
+        try:
+            keep_open = len(plan.inputs) <= _descriptor_budget()
+            for path in plan.inputs:
+                ckpt = open_checkpoint(path)
+                inputs.append(ckpt)
+                ckpt.trim()
+                if not keep_open:
+                    ckpt.file.keep_open = False
+                    ckpt.release()
+            newest = inputs[-1]
+            requantizer = plan_quantized(inputs, plan.raw_weights, quantized, block_items)
+            _check_compatible(inputs, out_path)
+            if isinstance(out_location, Url) and not newest.output_to_url:
+                raise UsageError(
+                    f"{out_location}: writing {newest.layout.name} output to object storage "
+                    "is not supported yet; write it to a local directory"
+                )
+            newest.check_output(out_path)
+            if requantizer is not None:
+                mark_written(newest, requantizer)
+            averaged = [t for t in newest.tensors.values() if t.averaged]
+            summary = CombineSummary(
+                inputs=list(plan.inputs),
+                epochs=list(plan.epochs),
+                weights=list(plan.weights),
+                scheme=plan.scheme,
+                alpha=plan.alpha,
+                output=out_location,
+                format=newest.layout.name,
+                tensors=len(averaged),
+                copied_tensors=len(newest.tensors) - len(averaged),
+                bytes_read=0,
+                bytes_written=0,
+                seconds=0.0,
+                dry_run=dry_run,
+                dropped_optimizer=drop_optimizer,
+                requantized_layers=requantizer.layers if requantizer is not None else 0,
             )
-    finally:
-        for ckpt in inputs:
-            ckpt.close()
+            summary.warnings.extend(plan.warnings)
+            summary.warnings.extend(_copied_weight_warnings(newest))
+            if on_ready is not None:
+                on_ready(summary)
+            if not dry_run:
+                _write_average(
+                    inputs,
+                    plan.raw_weights,
+                    out_path,
+                    summary,
+                    allow_nonfinite,
+                    drop_optimizer,
+                    progress,
+                    block_items,
+                    requantizer,
+                )
+        finally:
+            for ckpt in inputs:
+                ckpt.close()
+        summary.bytes_fetched = sum(c.file.bytes_fetched for c in inputs)
+        summary.requests = sum(c.file.requests for c in inputs)
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -284,23 +299,18 @@ def _descriptor_budget() -> int:
     return max(1, min(MAX_OPEN_INPUTS, (soft - 64) // 2))
 
 
-def _refuse_output_among_inputs(out: Path, inputs: list[Path]) -> None:
+def _refuse_output_among_inputs(out: Location, inputs: list[Location]) -> None:
     """Refuse an output that is one of the inputs, also through a symlink or a hard link."""
-    try:
-        out_stat = out.stat()
-    except OSError:
-        out_stat = None
-    seen: dict[tuple[int, int], Path] = {}
+    out_key = identity_key(out)
+    seen: dict[object, Location] = {}
     for path in inputs:
-        try:
-            st = path.stat()
-        except OSError:
+        key = identity_key(path)
+        if key is None:
             continue  # opening it reports the problem, naming the file
-        key = (st.st_dev, st.st_ino)
         if key in seen:
             raise UsageError(f"{seen[key]} and {path} are the same file; give each checkpoint once")
         seen[key] = path
-        if out_stat is not None and key == (out_stat.st_dev, out_stat.st_ino):
+        if out_key is not None and key == out_key:
             raise UsageError(f"output {out} is the input {path}; inputs are never overwritten")
 
 
@@ -369,6 +379,8 @@ def _write_average(
 
     try:
         with newest.output(out, keep if drop_optimizer else None) as writer:
+            for ckpt, _ in averager.members:
+                ckpt.will_read(writer.order, len(averager.members))
             tensors = [newest.tensors[name] for name in writer.order]
             total = sum(t.nbytes for t in tensors) * len(averager.members)
             done = 0

@@ -37,9 +37,11 @@ from typing import Any
 
 import numpy as np
 
+from wavg.checkpoint import local_copies
 from wavg.combine import combine as wavg_combine
 from wavg.data import Dataset, check_fits_model, load_data
 from wavg.errors import CheckpointError, UsageError
+from wavg.locations import expand_inputs
 from wavg.ordering import epoch_numbers, order_checkpoints
 from wavg.schemes import DEFAULT_ALPHA, SCHEMES
 
@@ -207,20 +209,22 @@ def evaluate(
     """
     from wavg.model_loading import is_weights_only
 
-    ordered = order_checkpoints(paths, order=order)
+    ordered = order_checkpoints(expand_inputs(paths), order=order)
     count = max_n if max_n is not None else len(ordered)
     if not 1 <= count <= len(ordered):
         raise UsageError(f"--max-n must be between 1 and {len(ordered)} (the files given)")
-    members = ordered[-count:]
+    shown = ordered[-count:]
     columns = averages_for(schemes, alpha, alphas)
-    if model is None and is_weights_only(members[-1]):
-        raise CheckpointError(
-            members[-1],
-            "is a weights-only file and holds no architecture; pass --model FILE.keras "
-            "with the model it was saved from",
-        )
-    dataset = data if isinstance(data, Dataset) else load_data(data)
     with tempfile.TemporaryDirectory(prefix="wavg-evaluate-") as tmp:
+        # Keras loads files: checkpoints in object storage are downloaded first.
+        members = local_copies(shown, Path(tmp) / "inputs")
+        if model is None and is_weights_only(members[-1]):
+            raise CheckpointError(
+                shown[-1],
+                "is a weights-only file and holds no architecture; pass --model FILE.keras "
+                "with the model it was saved from",
+            )
+        dataset = data if isinstance(data, Dataset) else load_data(data)
         # combine's checks (self-contained files, the same tensors in each) run before Keras
         # reads anything: a file that cannot be averaged fails here with combine's message.
         check = Path(tmp) / f"check{_suffix(members[-1])}"
@@ -244,13 +248,13 @@ def evaluate(
             if ensemble:
                 scores[n - 1][ENSEMBLE] = scorer.score(np.mean(predictions[-n:], axis=0))
     return EvaluationResult(
-        checkpoints=members,
-        epochs=epoch_numbers(members),
+        checkpoints=shown,
+        epochs=epoch_numbers(shown),
         data=dataset.name,
         metrics=scorer.metric_names,
         columns=names,
         scores=scores,
-        warnings=one_run_warnings(vectors, members),
+        warnings=one_run_warnings(vectors, shown),
     )
 
 

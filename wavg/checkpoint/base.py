@@ -24,9 +24,9 @@ from wavg.checkpoint.hdf5 import (
     iter_blocks,
     open_h5,
     read_hyperslab,
-    read_raw,
     walk,
 )
+from wavg.checkpoint.inputfile import InputFile
 from wavg.checkpoint.layouts import Layout
 from wavg.errors import CheckpointError
 
@@ -36,6 +36,8 @@ class InputSource(Protocol):
 
     path: str
     keep_open: bool
+    bytes_fetched: int  # from object storage
+    requests: int
 
     def check_unchanged(self) -> None: ...
 
@@ -64,6 +66,9 @@ class Writer:
 
 class Checkpoint:
     """An open input checkpoint: its layout, its tensors, and block reads."""
+
+    # Whether an output in this format can be staged locally and uploaded file by file.
+    output_to_url = True
 
     def __init__(self, file: InputSource, layout: Layout) -> None:
         self.file = file
@@ -171,23 +176,26 @@ class Checkpoint:
         """
         if tensor.offset is not None:
             out = scratch[: count * tensor.storage.itemsize].view(tensor.storage)
-            with self.file.fd() as fd:
-                try:
-                    read_raw(
-                        fd,
-                        tensor.offset + start * tensor.storage.itemsize,
-                        out,
-                        self.path,
-                        tensor.name,
-                    )
-                except OSError as exc:
-                    raise CheckpointError(
-                        self.path, f"read error in {tensor.name} ({exc.strerror})"
-                    ) from None
+            view = memoryview(out).cast("B")
+            try:
+                got = self.file.readinto(tensor.offset + start * tensor.storage.itemsize, view)
+            except OSError as exc:
+                raise CheckpointError(
+                    self.path, f"read error in {tensor.name} ({exc.strerror})"
+                ) from None
+            if got != len(view):
+                raise CheckpointError(self.path, f"truncated while reading tensor {tensor.name}")
         else:
             with self._h5_lock, self.weights_h5() as h5:  # h5py handles are not shared
                 out = read_hyperslab(h5[tensor.name], slices, self.path)
         return out.view(tensor.dtype)
+
+    def will_read(self, names: list[str], readers: int = 1) -> None:
+        """Tell the byte source which tensors' raw bytes will be read, in this order, with
+        `readers` inputs read in lockstep (it may fetch ahead; a local file ignores this)."""
+        tensors = [self.tensors[n] for n in names if n in self.tensors]
+        ranges = [(t.offset, t.nbytes) for t in tensors if t.offset is not None]
+        self.file.will_read(ranges, readers)
 
     def trim(self) -> None:
         """Close the h5py handle if raw reads need none (its metadata cache costs memory
@@ -223,5 +231,7 @@ def as_bytes(data: np.ndarray) -> memoryview:
     return memoryview(np.ascontiguousarray(data)).cast("B")
 
 
-def open_hdf5_path(path: str) -> h5py.File:
-    return open_h5(path, path)
+def open_hdf5(file: InputFile) -> h5py.File:
+    """h5py over a whole input, the way its byte source says (a local path, or a file
+    object over its reads)."""
+    return open_h5(file.h5py_source(), file.path)

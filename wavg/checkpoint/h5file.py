@@ -13,7 +13,7 @@ from collections.abc import Callable
 import h5py
 import numpy as np
 
-from wavg.checkpoint.base import Checkpoint, Writer, as_bytes, open_hdf5_path, pwrite_all
+from wavg.checkpoint.base import Checkpoint, Writer, as_bytes, open_hdf5, pwrite_all
 from wavg.checkpoint.hdf5 import Tensor
 from wavg.checkpoint.inputfile import InputFile
 from wavg.checkpoint.layouts import hdf5_layout
@@ -25,7 +25,7 @@ class H5Checkpoint(Checkpoint):
     """A checkpoint that is itself an HDF5 file."""
 
     def __init__(self, file: InputFile) -> None:
-        h5 = open_hdf5_path(file.path)
+        h5 = open_hdf5(file)
         try:
             layout = hdf5_layout(h5)
         except (OSError, RuntimeError, ValueError) as exc:
@@ -37,7 +37,7 @@ class H5Checkpoint(Checkpoint):
         self._load_tensors(base_offset=0, data_end=file.size)
 
     def _open_weights(self) -> h5py.File:
-        h5 = open_hdf5_path(self.path)
+        h5 = open_hdf5(self.file)
         self.file.check_unchanged()
         return h5
 

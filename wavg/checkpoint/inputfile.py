@@ -10,10 +10,11 @@ caller decides with `keep_open`, and a closed file is reopened for each read.
 from __future__ import annotations
 
 import errno
+import io
 import os
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from wavg.errors import CheckpointError, InputChanged
@@ -45,6 +46,9 @@ class InputFile:
         self._fd: int | None = fd
         self._lock = threading.Lock()
         self.keep_open = True
+        # Counted by byte sources that fetch over a network; a local file fetches nothing.
+        self.bytes_fetched = 0
+        self.requests = 0
 
     def _open(self) -> int:
         try:
@@ -101,6 +105,44 @@ class InputFile:
             raise CheckpointError(self.path, "truncated")
         return data
 
+    def readinto(self, offset: int, buffer: memoryview) -> int:
+        """Fill `buffer` with the bytes at `offset`; returns how many there were (fewer than
+        ``len(buffer)`` only at the end of the file). `OSError` propagates."""
+        done = 0
+        with self.fd() as fd:
+            while done < len(buffer):
+                got = os.preadv(fd, [buffer[done:]], offset + done)
+                if got == 0:
+                    break
+                done += got
+        return done
+
+    def will_read(self, ranges: Sequence[tuple[int, int]], readers: int = 1) -> None:
+        """A hint: ``(offset, size)`` ranges about to be read with `readinto`, in order, by
+        one of `readers` inputs read in lockstep. A local file leaves read-ahead to the kernel."""
+
+    def copy_range_to(self, dst_fd: int, src_at: int, dst_at: int, count: int) -> None:
+        """Copy `count` bytes at `src_at` to `dst_fd` at `dst_at`, in the kernel if it can."""
+        with self.fd() as src_fd:
+            while count > 0:
+                try:
+                    done = os.copy_file_range(src_fd, dst_fd, count, src_at, dst_at)
+                except (AttributeError, OSError):
+                    data = os.pread(src_fd, min(count, 1 << 20), src_at)
+                    done = os.pwrite(dst_fd, data, dst_at) if data else 0
+                if done <= 0:
+                    raise CheckpointError(self.path, "truncated while copying")
+                src_at, dst_at, count = src_at + done, dst_at + done, count - done
+
+    def sibling(self, name: str) -> InputFile:
+        """The file called `name` next to this one (a shard beside its index), opened and
+        identified the same way. `name` is one path segment; the caller checks it."""
+        return InputFile(os.path.join(os.path.dirname(self.path), name))
+
+    def h5py_source(self) -> str | io.BufferedReader:
+        """What h5py should open to read this file: its path, for h5py's own driver."""
+        return self.path
+
     def release(self) -> None:
         with self._lock:
             if self._fd is not None:
@@ -118,3 +160,33 @@ class InputFile:
 
     def same_file(self, st: os.stat_result) -> bool:
         return (st.st_dev, st.st_ino) == self.identity[:2]
+
+
+class Window(io.RawIOBase):
+    """A read-only, seekable file object over bytes ``start … start+size`` of a byte source
+    (anything with `readinto(offset, buffer)`): how zipfile and h5py read an input."""
+
+    def __init__(self, file, start: int, size: int) -> None:
+        self._file, self._start, self._size, self._pos = file, start, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        want = max(0, min(len(buffer), self._size - self._pos))
+        if want == 0:
+            return 0
+        got = self._file.readinto(self._start + self._pos, memoryview(buffer).cast("B")[:want])
+        self._pos += got
+        return got

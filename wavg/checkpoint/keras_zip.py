@@ -25,6 +25,7 @@ import numpy as np
 from wavg.checkpoint.base import Checkpoint, Writer, as_bytes
 from wavg.checkpoint.hdf5 import Tensor, open_h5
 from wavg.checkpoint.inputfile import InputFile
+from wavg.checkpoint.inputfile import Window as _Window
 from wavg.checkpoint.layouts import KERAS_ARCHIVE
 from wavg.checkpoint.skeleton import lay_out_output
 from wavg.errors import CheckpointError, UnsafeCheckpoint
@@ -37,36 +38,6 @@ _LOCAL_HEADER = struct.Struct("<4s22xHH")
 COPY_BLOCK = 1 << 20
 # NotImplementedError: an unknown zip version or compression method.
 _ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError, NotImplementedError)
-
-
-class _Window(io.RawIOBase):
-    """A read-only, seekable view of bytes ``start … start+size`` of an input file."""
-
-    def __init__(self, file: InputFile, start: int, size: int) -> None:
-        self._file, self._start, self._size, self._pos = file, start, size, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-    def readinto(self, buffer) -> int:  # type: ignore[override]
-        want = max(0, min(len(buffer), self._size - self._pos))
-        if want == 0:
-            return 0
-        with self._file.fd() as fd:
-            got = os.preadv(fd, [memoryview(buffer)[:want]], self._start + self._pos)
-        self._pos += got
-        return got
 
 
 class _Checked(io.RawIOBase):

@@ -73,6 +73,8 @@ def _message(exc: BaseException) -> str:
 class OrbaxStep(Checkpoint):
     """One committed step directory of an OrbaxCheckpoint root."""
 
+    output_to_url = False  # a bucket needs commit_success.txt last: not supported yet
+
     def __init__(self, path: str) -> None:
         super().__init__(StepFiles(path), ORBAX)
         self.ts = _tensorstore(path)
@@ -194,6 +196,9 @@ class OrbaxStep(Checkpoint):
 
     def trim(self) -> None:
         """TensorStore keeps no descriptors open between reads."""
+
+    def will_read(self, names: list[str], readers: int = 1) -> None:
+        """TensorStore schedules its own reads; a step is local."""
 
     def release(self) -> None:
         self.file.release()

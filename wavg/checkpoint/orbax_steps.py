@@ -110,6 +110,8 @@ class StepFiles:
     def __init__(self, path: str) -> None:
         self.path = path
         self.keep_open = True
+        self.bytes_fetched = 0  # from object storage: none, a step is local
+        self.requests = 0
         self.identity = self._walk()
         self.size = sum(size for _, _, size, _ in self.identity.values())
 
