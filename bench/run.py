@@ -21,6 +21,7 @@ from pathlib import Path
 
 import checkpoints
 import measure
+import orbax_rss
 import plots
 import remote_workload
 import report
@@ -197,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     emit(rows, results_dir, notes, draw=True)
     if not args.keep:
         shutil.rmtree(args.out / "outputs", ignore_errors=True)
+    if not selectors:  # Orbax roots are measured on their own: see bench/orbax_rss.py
+        units = "1024" if args.quick else "4096"
+        report = str(results_dir / "ORBAX.md")
+        orbax_rss.main(["--units", units, "--out", str(args.out / "orbax"), "--report", report])
     return 0
 
 

@@ -22,7 +22,13 @@ from pathlib import Path
 import numpy as np
 
 from wavg.atomic import check_output_parent
-from wavg.checkpoint import Checkpoint, Tensor, iter_blocks, open_checkpoint, staged_output
+from wavg.checkpoint import (
+    Checkpoint,
+    Tensor,
+    expand_checkpoint_dirs,
+    open_checkpoint,
+    staged_output,
+)
 from wavg.errors import (
     CheckpointError,
     CheckpointMismatch,
@@ -30,7 +36,7 @@ from wavg.errors import (
     OutputError,
     UsageError,
 )
-from wavg.locations import Location, as_location, expand_inputs, identity_key
+from wavg.locations import Location, Url, as_location, expand_inputs, identity_key
 from wavg.ordering import epoch_numbers, order_checkpoints
 from wavg.quantized_combine import Requantizer, check_policy, mark_written, plan_quantized
 from wavg.schemes import DEFAULT_ALPHA, raw_weights
@@ -56,6 +62,7 @@ class CombinePlan:
     scheme: str
     alpha: float | None
     raw_weights: list[float]  # unnormalised, as summed (1 for equal, 1..n for linear)
+    warnings: list[str] = field(default_factory=list)  # e.g. unfinished Orbax steps skipped
 
 
 @dataclass
@@ -105,10 +112,12 @@ def plan_combine(
 ) -> CombinePlan:
     """Order the files (oldest first) and weight them; reads no file contents.
 
-    Names may be URLs; quoted globs are expanded (see `wavg.locations.expand_inputs`).
+    Names may be URLs; quoted globs are expanded (see `wavg.locations.expand_inputs`), and
+    a directory of checkpoints (an OrbaxCheckpoint root) stands for its committed steps.
     Custom `weights` are in the final order, oldest first, after `last` is applied.
     """
-    ordered = order_checkpoints(expand_inputs(paths), order, last)
+    found, skipped = expand_checkpoint_dirs(expand_inputs(paths))
+    ordered = order_checkpoints(found, order, last)
     if weights is not None:
         scheme = "custom"
     raw = raw_weights(len(ordered), "equal" if weights is not None else scheme, alpha, weights)
@@ -121,6 +130,7 @@ def plan_combine(
         raw_weights=[float(w) for w in raw],
         scheme=scheme,
         alpha=float(alpha) if scheme == "exp" else None,
+        warnings=skipped,
     )
 
 
@@ -200,6 +210,11 @@ def run_plan(
             newest = inputs[-1]
             requantizer = plan_quantized(inputs, plan.raw_weights, quantized, block_items)
             _check_compatible(inputs, out_path)
+            if isinstance(out_location, Url) and not newest.output_to_url:
+                raise UsageError(
+                    f"{out_location}: writing {newest.layout.name} output to object storage "
+                    "is not supported yet; write it to a local directory"
+                )
             if requantizer is not None:
                 mark_written(newest, requantizer)
             averaged = [t for t in newest.tensors.values() if t.averaged]
@@ -220,6 +235,7 @@ def run_plan(
                 dropped_optimizer=drop_optimizer,
                 requantized_layers=requantizer.layers if requantizer is not None else 0,
             )
+            summary.warnings.extend(plan.warnings)
             summary.warnings.extend(_copied_weight_warnings(newest))
             if on_ready is not None:
                 on_ready(summary)
@@ -315,6 +331,7 @@ def _check_compatible(inputs: list[Checkpoint], out: Path) -> None:
     newest.check_output(out)
     expected = {n: t for n, t in newest.tensors.items() if t.averaged}
     for ckpt in inputs[:-1]:
+        ckpt.check_matches(newest)
         mine = {n: t for n, t in ckpt.tensors.items() if t.averaged}
         for name, ref in expected.items():
             other = mine.get(name)
@@ -416,6 +433,7 @@ class BlockAverager:
         allow_nonfinite: bool,
     ) -> None:
         self.members = [(c, w) for c, w in zip(inputs, weights, strict=True) if w > 0]
+        self.split = inputs[-1].blocks  # the format's blocks (chunks, where reads decode them)
         self.block_items = block_items
         self.allow_nonfinite = allow_nonfinite
         self._local = threading.local()
@@ -424,7 +442,7 @@ class BlockAverager:
         jobs = (
             (tensor, start, count, slices)
             for tensor in tensors
-            for start, count, slices in iter_blocks(tensor.shape, 1, self.block_items)
+            for start, count, slices in self.split(tensor, self.block_items)
         )
         pending: deque[Future] = deque()
         pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="wavg-average")

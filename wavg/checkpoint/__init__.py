@@ -3,9 +3,10 @@
 The format is recognised from the file's bytes, not its name: a zip archive is a ``.keras``
 model, an HDF5 file is a legacy ``.h5`` model, legacy weights or Keras 3 ``.weights.h5``
 (told apart by their layout, see `layouts`). Checkpoints of several files are recognised by
-content too: a JSON index is sharded weights, a folder an unzipped ``.keras`` model. Where
-the bytes come from (a local file, an object in storage) is the byte source's business
-(`open_source`); formats never ask.
+content too: a JSON index is sharded weights, a folder an unzipped ``.keras`` model or an
+Orbax step (see `orbax_steps`); an Orbax root stands for its committed steps
+(`expand_checkpoint_dirs`). Where the bytes come from (a local file, an object in storage)
+is the byte source's business (`open_source`); formats never ask.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from wavg.checkpoint import orbax_steps
 from wavg.checkpoint.base import Checkpoint, Writer
 from wavg.checkpoint.hdf5 import Tensor, iter_blocks
 from wavg.checkpoint.inputfile import InputFile
@@ -25,12 +27,31 @@ __all__ = [
     "Checkpoint",
     "Tensor",
     "Writer",
+    "expand_checkpoint_dirs",
     "iter_blocks",
     "open_checkpoint",
     "local_copies",
     "open_source",
     "staged_output",
 ]
+
+
+def expand_checkpoint_dirs(locations: list[Location]) -> tuple[list[Location], list[str]]:
+    """The checkpoints that `locations` name, and warnings about entries skipped.
+
+    A local directory of checkpoints (an OrbaxCheckpoint root) stands for its committed
+    steps, oldest first; every other location stands for itself. Reads listings only.
+    """
+    found: list[Location] = []
+    warnings: list[str] = []
+    for location in locations:
+        if isinstance(location, Url):
+            found.append(location)
+            continue
+        steps, skipped = orbax_steps.expand_inputs([os.fspath(location)])
+        found.extend(Path(step) for step in steps)
+        warnings.extend(skipped)
+    return found, warnings
 
 
 def open_source(name: str | os.PathLike[str] | Url) -> InputFile:
@@ -80,6 +101,11 @@ _ZIP_SIGNATURE = b"PK\x03\x04"
 
 def open_checkpoint(path: str | os.PathLike[str] | Url) -> Checkpoint:
     """Open `path` read-only and list its tensors; raises `CheckpointError` if it is unusable."""
+    # Orbax: a local step directory, recognised by its content (roots are expanded earlier).
+    if not isinstance(path, Url) and orbax_steps.is_step(path):
+        from wavg.checkpoint.orbax import OrbaxStep
+
+        return OrbaxStep(os.fspath(path))
     folder = _open_folder(path)
     if folder is not None:
         return folder

@@ -11,6 +11,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import h5py
 import numpy as np
@@ -20,6 +21,7 @@ from wavg.checkpoint.hdf5 import (
     Tensor,
     check_global_heaps,
     confirm_opaque_types,
+    iter_blocks,
     open_h5,
     read_hyperslab,
     walk,
@@ -27,6 +29,19 @@ from wavg.checkpoint.hdf5 import (
 from wavg.checkpoint.inputfile import InputFile
 from wavg.checkpoint.layouts import Layout
 from wavg.errors import CheckpointError
+
+
+class InputSource(Protocol):
+    """Where a checkpoint's bytes live: one file (`InputFile`) or a directory of them."""
+
+    path: str
+    keep_open: bool
+    bytes_fetched: int  # from object storage
+    requests: int
+
+    def check_unchanged(self) -> None: ...
+
+    def release(self) -> None: ...
 
 
 class Writer:
@@ -52,7 +67,10 @@ class Writer:
 class Checkpoint:
     """An open input checkpoint: its layout, its tensors, and block reads."""
 
-    def __init__(self, file: InputFile, layout: Layout) -> None:
+    # Whether an output in this format can be staged locally and uploaded file by file.
+    output_to_url = True
+
+    def __init__(self, file: InputSource, layout: Layout) -> None:
         self.file = file
         self.path = file.path
         self.layout = layout
@@ -92,6 +110,18 @@ class Checkpoint:
                 yield writer
             finally:
                 writer.close()
+
+    def blocks(self, tensor: Tensor, budget: int) -> Iterator[tuple[int, int, tuple[slice, ...]]]:
+        """The blocks `tensor` is averaged in: ``(flat_start, count, slices)``, in write order.
+
+        Here contiguous runs of at most `budget` items; a format whose reads decode whole
+        chunks yields its chunks instead (then memory is bounded by the largest chunk).
+        """
+        return iter_blocks(tensor.shape, 1, budget)
+
+    def check_matches(self, newest: Checkpoint) -> None:
+        """Refuse to average this checkpoint with `newest` beyond what its tensors show
+        (tensor names, shapes and dtypes are compared by the caller)."""
 
     def _weights_reader(self) -> Callable[[int, int], bytes]:
         """Reads bytes of the HDF5 weights file at physical offsets (see `_load_tensors`)."""
