@@ -102,14 +102,15 @@ def remove_stale_temps(out: Path) -> list[str]:
     prefix = temp_prefix(out)
     for path in glob.glob(glob.escape(prefix) + "*"):
         pid_text = path[len(prefix) :].split("-", 1)[0]
-        if pid_text.isdigit() and not _alive(int(pid_text)):
+        if pid_text.isdigit() and not process_alive(int(pid_text)):
             with contextlib.suppress(OSError):
                 os.unlink(path)
                 removed.append(path)
     return removed
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether `pid` may still be running (this process counts; another user's does too)."""
     if pid == os.getpid():
         return True
     try:

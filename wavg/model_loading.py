@@ -24,6 +24,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from wavg.checkpoint.quantized import config_dicts
 from wavg.errors import CheckpointError, UnsafeCheckpoint, UsageError, WavgError
 
 MIN_KERAS = (3, 13, 2)
@@ -127,7 +128,7 @@ def unsafe_references(config: Any, allowed: frozenset[str] = frozenset()) -> lis
     ``os.system``) unless its class or registered name is in `allowed`.
     """
     found = []
-    for node in _dicts(config):
+    for node in config_dicts(config):
         class_name = node.get("class_name")
         if class_name in _CODE_LAYERS:
             found.append(_CODE_LAYERS[class_name])
@@ -294,17 +295,6 @@ def _keras_builtin(node: dict[str, Any]) -> bool:
         callable(getattr(getattr(keras, family, None), name, None))
         for family in _KERAS_BUILTIN_FAMILIES
     )
-
-
-def _dicts(node: Any) -> Iterator[dict[str, Any]]:
-    stack = [node]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            yield item
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
 
 
 @contextlib.contextmanager

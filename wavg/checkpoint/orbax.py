@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from wavg.atomic import fsync_directory, temp_prefix
+from wavg.atomic import fsync_directory, process_alive, temp_prefix
 from wavg.checkpoint.base import Checkpoint, Writer
 from wavg.checkpoint.hdf5 import BFLOAT16, EXPANSION_FLOOR_BYTES, MAX_EXPANSION, Tensor
 from wavg.checkpoint.layouts import Layout
@@ -583,17 +583,5 @@ def _remove_stale_roots(out: Path) -> None:
         if not path.startswith(prefix) or not entry.is_dir(follow_symlinks=False):
             continue
         pid_text = path[len(prefix) :].split("-", 1)[0]
-        if pid_text.isdigit() and not _alive(int(pid_text)):
+        if pid_text.isdigit() and not process_alive(int(pid_text)):
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

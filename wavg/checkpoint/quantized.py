@@ -477,7 +477,7 @@ def _config_layers(ckpt: Checkpoint) -> dict[str, dict[str, Any]]:
         if isinstance(name, str):
             found[f"model_weights/{name}"] = facts
     # Layers nested deeper (sub-models) are matched by their mode alone.
-    for node in _dicts(config):
+    for node in config_dicts(config):
         cfg = node.get("config")
         if isinstance(cfg, dict) and isinstance(cfg.get("name"), str) and "dtype" in cfg:
             facts = _layer_facts(node)
@@ -534,7 +534,9 @@ def _snake(name: str) -> str:
     return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
 
 
-def _dicts(node: Any) -> Iterator[dict[str, Any]]:
+def config_dicts(node: Any) -> Iterator[dict[str, Any]]:
+    """Every dict nested anywhere in a parsed JSON config, without recursion (a deep,
+    hostile config must not exhaust the stack)."""
     stack = [node]
     while stack:
         item = stack.pop()
