@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -348,7 +348,8 @@ def _write_average(
             tensors = [newest.tensors[name] for name in writer.order]
             total = sum(t.nbytes for t in tensors) * len(averager.members)
             done = 0
-            for tensor, start, data in averager.blocks(tensors):
+            units = plan_units(newest, tensors, block_items)
+            for tensor, start, data in averager.blocks(units):
                 writer.write(tensor, start, data)
                 done += data.nbytes * len(averager.members)
                 if progress is not None:
@@ -361,11 +362,84 @@ def _write_average(
         raise OutputError(out, f"cannot write ({_reason(exc)})") from None
 
 
+@dataclass(frozen=True)
+class Unit:
+    """One unit of averaging work: a block of one large tensor, or a batch of whole small
+    tensors (consecutive in the output, one dtype) averaged as one flat array.
+
+    Real models are mostly small tensors (biases, BatchNorm vectors, depthwise kernels):
+    batching them costs one read per input per run of them and one numpy call per input
+    per batch, instead of per tensor.
+    """
+
+    tensors: tuple[Tensor, ...]
+    start: int  # first item, in the tensor's flat C order (0 for a batch)
+    count: int  # items: of the block, or of all the batch's tensors together
+    slices: tuple[slice, ...] | None  # the block as a hyperslab; None for a batch
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.tensors[0].dtype
+
+    @property
+    def storage(self) -> np.dtype:
+        return self.tensors[0].storage
+
+    def read(self, ckpt: Checkpoint, scratch: np.ndarray) -> np.ndarray:
+        """This unit's items from one input, in its numeric dtype (valid until the next
+        read into `scratch`)."""
+        if self.slices is not None:
+            (tensor,) = self.tensors
+            return ckpt.read(
+                ckpt.tensors[tensor.name], self.start, self.count, self.slices, scratch
+            )
+        data = scratch[: self.count * self.storage.itemsize]
+        ckpt.read_many([ckpt.tensors[t.name] for t in self.tensors], data)
+        return data.view(self.storage).view(self.dtype)
+
+    def pieces(self, data: np.ndarray) -> Iterator[tuple[Tensor, int, np.ndarray]]:
+        """``(tensor, start, items)`` writes for the unit's averaged `data`."""
+        if self.slices is not None:
+            yield self.tensors[0], self.start, data
+            return
+        position = 0
+        for tensor in self.tensors:
+            yield tensor, 0, data[position : position + tensor.size]
+            position += tensor.size
+
+
+def plan_units(newest: Checkpoint, tensors: list[Tensor], block_items: int) -> Iterator[Unit]:
+    """Cut the averaged `tensors` (in output order) into units of about `block_items` items.
+
+    A tensor larger than that is cut into blocks (the format may ask for another block size,
+    see `Checkpoint.block_items`); runs of smaller tensors of one dtype become batches of at
+    most `block_items` items. Empty tensors have nothing to average and are skipped.
+    """
+    batch: list[Tensor] = []
+    items = 0
+    for tensor in tensors:
+        if tensor.size == 0:
+            continue
+        fits = batch and tensor.storage == batch[0].storage and tensor.dtype == batch[0].dtype
+        if batch and (not fits or items + tensor.size > block_items):
+            yield Unit(tuple(batch), 0, items, None)
+            batch, items = [], 0
+        if tensor.size <= block_items:
+            batch.append(tensor)
+            items += tensor.size
+            continue
+        budget = newest.block_items(tensor, block_items)
+        for start, count, slices in iter_blocks(tensor.shape, 1, budget):
+            yield Unit((tensor,), start, count, slices)
+    if batch:
+        yield Unit(tuple(batch), 0, items, None)
+
+
 class BlockAverager:
-    """Computes averaged blocks on worker threads and yields them in file order.
+    """Computes averaged units on worker threads and yields their pieces in file order.
 
     Reads (``preadv``) and numpy arithmetic both release the GIL, so two workers keep both
-    cores busy while the caller writes the previous block. The weights are the scheme's raw
+    cores busy while the caller writes the previous unit. The weights are the scheme's raw
     ones (all 1 for equal, 1..n for linear): inputs of weight 1 are added without a multiply,
     and the sum is divided by the total weight once at the end. Memory is a
     few blocks per worker plus the blocks in flight, whatever the model size or input count.
@@ -383,21 +457,16 @@ class BlockAverager:
         self.allow_nonfinite = allow_nonfinite
         self._local = threading.local()
 
-    def blocks(self, tensors: list[Tensor]) -> Iterator[tuple[Tensor, int, np.ndarray]]:
-        jobs = (
-            (tensor, start, count, slices)
-            for tensor in tensors
-            for start, count, slices in iter_blocks(tensor.shape, 1, self.block_items)
-        )
+    def blocks(self, units: Iterable[Unit]) -> Iterator[tuple[Tensor, int, np.ndarray]]:
         pending: deque[Future] = deque()
         pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="wavg-average")
         try:
-            for job in jobs:
-                pending.append(pool.submit(self._average, *job))
+            for unit in units:
+                pending.append(pool.submit(self._average, unit))
                 if len(pending) > WORKERS:
-                    yield pending.popleft().result()
+                    yield from pending.popleft().result()
             while pending:
-                yield pending.popleft().result()
+                yield from pending.popleft().result()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
@@ -411,15 +480,14 @@ class BlockAverager:
             cache[dtype] = found
         return found
 
-    def _average(
-        self, tensor: Tensor, start: int, count: int, slices: tuple[slice, ...]
-    ) -> tuple[Tensor, int, np.ndarray]:
-        acc_dtype = _EXTENDED if tensor.dtype == np.float64 else np.float64
+    def _average(self, unit: Unit) -> list[tuple[Tensor, int, np.ndarray]]:
+        count = unit.count
+        acc_dtype = _EXTENDED if unit.dtype == np.float64 else np.float64
         acc_buf, term_buf, scratch = self._buffers(acc_dtype, count)
         acc, term = acc_buf[:count], term_buf[:count]
         total = acc_dtype(0)
         for i, (ckpt, w) in enumerate(self.members):
-            block = ckpt.read(ckpt.tensors[tensor.name], start, count, slices, scratch)
+            block = unit.read(ckpt, scratch)
             total += acc_dtype(w)
             if w == 1.0:
                 if i == 0:
@@ -434,30 +502,25 @@ class BlockAverager:
         acc /= total
         # A sum is finite exactly when every term is (no overflow: |values| <= dtype max).
         if not self.allow_nonfinite and not np.isfinite(acc.sum()):
-            self._raise_nonfinite(tensor, start, count, slices, scratch)
-        out = np.empty(count, dtype=tensor.dtype)
+            self._raise_nonfinite(unit, scratch)
+        out = np.empty(count, dtype=unit.dtype)
         np.copyto(out, acc, casting="unsafe")
-        return tensor, start, out.view(tensor.storage)
+        return list(unit.pieces(out.view(unit.storage)))
 
-    def _raise_nonfinite(
-        self,
-        tensor: Tensor,
-        start: int,
-        count: int,
-        slices: tuple[slice, ...],
-        scratch: np.ndarray,
-    ) -> None:
-        """Name the first input whose block of `tensor` holds NaN or Inf."""
+    def _raise_nonfinite(self, unit: Unit, scratch: np.ndarray) -> None:
+        """Name the first input (and tensor) whose part of `unit` holds NaN or Inf."""
         for ckpt, _ in self.members:
-            block = ckpt.read(ckpt.tensors[tensor.name], start, count, slices, scratch)
-            if not np.isfinite(block.astype(np.float64)).all():
-                raise NonFiniteValues(
-                    ckpt.path,
-                    f"tensor {tensor.name} holds NaN or Inf values "
-                    "(pass --allow-nonfinite to average it anyway)",
-                )
+            block = unit.read(ckpt, scratch)
+            for tensor, _, values in unit.pieces(block):
+                if not np.isfinite(values.astype(np.float64)).all():
+                    raise NonFiniteValues(
+                        ckpt.path,
+                        f"tensor {tensor.name} holds NaN or Inf values "
+                        "(pass --allow-nonfinite to average it anyway)",
+                    )
+        names = ", ".join(t.name for t in unit.tensors[:3])
         raise CheckpointError(
-            self.members[-1][0].path, f"the average of tensor {tensor.name} is not finite"
+            self.members[-1][0].path, f"the average of tensor {names} is not finite"
         )
 
 

@@ -1,7 +1,7 @@
 """The reader and writer interface every checkpoint format offers to the averaging core.
 
-A `Checkpoint` lists its tensors and reads one block of one tensor at a time; a `Writer`
-receives averaged blocks in file order. `combine.py` sees only these two, never a format.
+A `Checkpoint` lists its tensors and reads one block of one tensor, or many whole small
+tensors at once (`read_many`); a `Writer` receives averaged blocks in file order. `combine.py` sees only these two, never a format.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import h5py
@@ -22,12 +22,10 @@ from wavg.checkpoint.hdf5 import (
     confirm_opaque_types,
     open_h5,
     read_hyperslab,
-    read_raw,
     walk,
 )
 from wavg.checkpoint.inputfile import InputFile
 from wavg.checkpoint.layouts import Layout
-from wavg.errors import CheckpointError
 
 
 class Writer:
@@ -128,33 +126,60 @@ class Checkpoint:
     def raw_readable(self) -> bool:
         return all(t.offset is not None for t in self.tensors.values() if t.averaged and t.size)
 
+    def block_items(self, tensor: Tensor, default: int) -> int:
+        """How many items of a large `tensor` the core should read per block (it reads
+        ``iter_blocks`` hyperslabs of about this size). `default` keeps memory flat; a format
+        whose storage must be read a whole chunk at a time returns a multiple of its chunk."""
+        return default
+
     def read(
         self, tensor: Tensor, start: int, count: int, slices: tuple[slice, ...], scratch: np.ndarray
     ) -> np.ndarray:
         """Items ``start … start+count`` of `tensor` (flat, C order) in its numeric dtype.
 
-        Raw tensors are read into `scratch` (a byte buffer reused between calls), so the
-        result is only valid until the next read.
+        `tensor` is this checkpoint's own description; `slices` is the same block as a
+        hyperslab (from `iter_blocks`). Raw tensors are read into `scratch` (a byte buffer
+        reused between calls), so the result is only valid until the next read.
         """
         if tensor.offset is not None:
             out = scratch[: count * tensor.storage.itemsize].view(tensor.storage)
-            with self.file.fd() as fd:
-                try:
-                    read_raw(
-                        fd,
-                        tensor.offset + start * tensor.storage.itemsize,
-                        out,
-                        self.path,
-                        tensor.name,
-                    )
-                except OSError as exc:
-                    raise CheckpointError(
-                        self.path, f"read error in {tensor.name} ({exc.strerror})"
-                    ) from None
+            self.file.readinto(tensor.offset + start * tensor.storage.itemsize, out)
         else:
-            with self._h5_lock, self.weights_h5() as h5:  # h5py handles are not shared
-                out = read_hyperslab(h5[tensor.name], slices, self.path)
+            out = self._read_h5(tensor, slices)
         return out.view(tensor.dtype)
+
+    def read_many(self, tensors: Sequence[Tensor], out: np.ndarray) -> None:
+        """Fill the byte buffer `out` with the stored bytes of the whole `tensors` (this
+        checkpoint's own descriptions), back to back in the order given.
+
+        This lets the core average hundreds of small tensors as one array. Raw tensors lying
+        close together in the file are read with one vectored read each run (the bytes
+        between them, HDF5 headers, land in scratch); the others through h5py. A format
+        that overrides `read` (its bytes live elsewhere) gets, unless it overrides this
+        too, one `read` per tensor.
+        """
+        slots: list[tuple[Tensor, np.ndarray]] = []
+        position = 0
+        for tensor in tensors:
+            slots.append((tensor, out[position : position + tensor.nbytes]))
+            position += tensor.nbytes
+        if position != out.nbytes:
+            raise ValueError("read_many: the buffer does not match the tensors' size")
+        if type(self).read is not Checkpoint.read:
+            for tensor, slot in slots:
+                data = self.read(tensor, 0, tensor.size, _whole(tensor), slot)
+                slot[:] = data.reshape(-1).view(np.uint8)
+            return
+        raw = sorted((s for s in slots if s[0].offset is not None), key=lambda s: s[0].offset)
+        for tensor, slot in slots:
+            if tensor.offset is None:
+                slot[:] = self._read_h5(tensor, _whole(tensor)).view(np.uint8)
+        for start, buffers in _vectored_runs(raw):
+            self.file.readv(start, buffers)
+
+    def _read_h5(self, tensor: Tensor, slices: tuple[slice, ...]) -> np.ndarray:
+        with self._h5_lock, self.weights_h5() as h5:  # h5py handles are not shared
+            return read_hyperslab(h5[tensor.name], slices, self.path)
 
     def trim(self) -> None:
         """Close the h5py handle if raw reads need none (its metadata cache costs memory
@@ -177,6 +202,40 @@ class Checkpoint:
     def close(self) -> None:
         self.file.keep_open = False
         self.release()
+
+
+# Bytes between two raw tensors that one vectored read reads and discards rather than
+# splitting into two reads (Keras puts each dataset's header, a few hundred bytes, between).
+MAX_READ_GAP = 64 << 10
+
+
+def _whole(tensor: Tensor) -> tuple[slice, ...]:
+    return tuple(slice(0, n) for n in tensor.shape)
+
+
+def _vectored_runs(
+    raw: list[tuple[Tensor, np.ndarray]],
+) -> Iterator[tuple[int, list[np.ndarray]]]:
+    """Group raw tensors sorted by offset into ``(file offset, buffers)`` vectored reads:
+    each tensor's slot, with a scratch buffer for each gap of at most `MAX_READ_GAP`."""
+    gaps: list[int] = []
+    runs: list[tuple[int, list]] = []
+    end = -1
+    for tensor, slot in raw:
+        gap = tensor.offset - end
+        if runs and 0 <= gap <= MAX_READ_GAP:
+            if gap:
+                runs[-1][1].append(gap)
+                gaps.append(gap)
+        else:
+            runs.append((tensor.offset, []))
+        runs[-1][1].append(slot)
+        end = tensor.offset + tensor.nbytes
+    if not runs:
+        return
+    discard = np.empty(max(gaps, default=0), np.uint8)
+    for start, parts in runs:
+        yield start, [discard[:p] if isinstance(p, int) else p for p in parts]
 
 
 def pwrite_all(fd: int, data: memoryview, offset: int) -> None:

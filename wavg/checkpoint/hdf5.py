@@ -5,8 +5,8 @@ Keras keeps weights in HDF5 in all three formats (legacy ``.h5``, ``.weights.h5`
 and where the optimizer state sits. This module knows HDF5, not Keras.
 
 Reading: most tensors Keras writes are contiguous and unfiltered, so their bytes are read
-with ``os.preadv`` straight into a numpy buffer (no HDF5 call per chunk, the GIL released,
-no copy). Anything else (chunked, compressed, compact) is read through h5py by hyperslab.
+raw (``InputFile.readinto``/``readv``) straight into a numpy buffer (no HDF5 call per
+chunk, the GIL released, no copy). Anything else (chunked, compressed, compact) is read through h5py by hyperslab.
 
 Safety: the walk refuses anything that would make a read leave the file (external links,
 soft links, virtual datasets, external raw storage), objects linked twice (cycles), data
@@ -16,7 +16,6 @@ that lies past the end of the file, and declared sizes that dwarf the stored byt
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
@@ -341,17 +340,6 @@ def _blocks(
     for index in range(shape[0]):
         for start, count, rest in _blocks(shape[1:], itemsize, budget, flat_start + index * inner):
             yield start, count, (slice(index, index + 1), *rest)
-
-
-def read_raw(fd: int, offset: int, out: np.ndarray, path: str, name: str) -> None:
-    """Fill `out` with the bytes at `offset` of `fd`; a short file is a truncation error."""
-    view = memoryview(out).cast("B")
-    done = 0
-    while done < len(view):
-        got = os.preadv(fd, [view[done:]], offset + done)
-        if got == 0:
-            raise CheckpointError(path, f"truncated while reading tensor {name}")
-        done += got
 
 
 def read_hyperslab(dset: h5py.Dataset, slices: tuple[slice, ...], path: str) -> np.ndarray:

@@ -5,6 +5,22 @@ not be averaged half-written, so the file's identity (device, inode, size, mtime
 when it is first opened and compared whenever it is reopened and once more at the end.
 With many inputs (1000 files is a supported case) descriptors are not all kept open: the
 caller decides with `keep_open`, and a closed file is reopened for each read.
+
+This is the only module that touches an input's descriptor: every byte wavg reads from an
+input goes through the methods below, so another byte source (remote storage, say) is a
+class with the same contract, and the formats and the averaging core never learn where
+their bytes came from. The contract of a byte source:
+
+- attributes `path` (what errors name), `size` (bytes), `keep_open` (a hint: False when
+  many inputs are open and resources should be given back between reads);
+- `read_at(offset, size) -> bytes`, `readinto(offset, buffer)` and `readv(offset, buffers)`
+  read exactly the bytes asked for (consecutive bytes from `offset`, in the order of
+  `buffers` for `readv`), or raise `CheckpointError` (``truncated``, a read error) naming
+  the file; all are safe to call from several threads at once;
+- `copy_to(dst_fd, offset, count, dst_offset)` writes bytes of the input into an output
+  file (in the kernel where it can);
+- `check_unchanged()` raises `InputChanged` when the source is no longer what was first
+  read, `release()` gives back resources (the next read reacquires and re-identifies).
 """
 
 from __future__ import annotations
@@ -13,10 +29,15 @@ import errno
 import os
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 from wavg.errors import CheckpointError, InputChanged
+
+Buffer = Any  # a writable object with the buffer protocol (bytearray, memoryview, ndarray)
+# Linux's limit on the buffers of one preadv.
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
 
 def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
@@ -96,10 +117,54 @@ class InputFile:
     def read_at(self, offset: int, size: int) -> bytes:
         """Read exactly `size` bytes at `offset` (fewer means the file is truncated)."""
         with self.fd() as fd:
-            data = os.pread(fd, size, offset)
+            data = self._call(os.pread, fd, size, offset)
         if len(data) != size:
             raise CheckpointError(self.path, "truncated")
         return data
+
+    def readinto(self, offset: int, buffer: Buffer) -> None:
+        """Fill `buffer` (any writable buffer, e.g. a numpy array) with the bytes at `offset`;
+        straight into it (no copy), the GIL released."""
+        self.readv(offset, [memoryview(buffer).cast("B")])
+
+    def readv(self, offset: int, buffers: Sequence[Buffer]) -> None:
+        """Fill `buffers` in order with the consecutive bytes at `offset`: one vectored read
+        (``preadv``) for a span of many tensors, gaps between them landing in scratch."""
+        views = [memoryview(b).cast("B") for b in buffers]
+        views = [v for v in views if len(v)]
+        with self.fd() as fd:
+            while views:
+                got = self._call(os.preadv, fd, views[:IOV_MAX], offset)
+                if got == 0:
+                    raise CheckpointError(self.path, "truncated")
+                offset += got
+                while views and got >= len(views[0]):
+                    got -= len(views[0])
+                    views.pop(0)
+                if got:
+                    views[0] = views[0][got:]
+
+    def copy_to(self, dst_fd: int, offset: int, count: int, dst_offset: int) -> None:
+        """Write `count` bytes of this input at `offset` into `dst_fd` at `dst_offset`; in
+        the kernel (``copy_file_range``) where the platform allows it."""
+        with self.fd() as src_fd:
+            while count > 0:
+                try:
+                    done = os.copy_file_range(src_fd, dst_fd, count, offset, dst_offset)
+                except (AttributeError, OSError):
+                    data = self._call(os.pread, src_fd, min(count, 1 << 20), offset)
+                    done = os.pwrite(dst_fd, data, dst_offset) if data else 0
+                if done <= 0:
+                    raise CheckpointError(self.path, "truncated while copying")
+                offset, dst_offset, count = offset + done, dst_offset + done, count - done
+
+    def _call(self, read, *args):  # noqa: ANN001, ANN202 - os.pread / os.preadv
+        try:
+            return read(*args)
+        except OSError as exc:
+            raise CheckpointError(
+                self.path, f"read error ({os.strerror(exc.errno or errno.EIO)})"
+            ) from None
 
     def release(self) -> None:
         with self._lock:

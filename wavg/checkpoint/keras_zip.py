@@ -62,10 +62,9 @@ class _Window(io.RawIOBase):
         want = max(0, min(len(buffer), self._size - self._pos))
         if want == 0:
             return 0
-        with self._file.fd() as fd:
-            got = os.preadv(fd, [memoryview(buffer)[:want]], self._start + self._pos)
-        self._pos += got
-        return got
+        self._file.readinto(self._start + self._pos, memoryview(buffer)[:want])
+        self._pos += want
+        return want
 
 
 class _Checked(io.RawIOBase):

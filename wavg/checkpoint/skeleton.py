@@ -188,18 +188,5 @@ def copy_around_tensors(template, offsets: dict[str, int], dst_fd: int) -> None:
     tensors = template.tensors
     extents = [(off, off + tensors[name].nbytes) for name, off in offsets.items()]
     os.ftruncate(dst_fd, length)
-    with template.file.fd() as src_fd:
-        for first, last in gaps_between(extents, 0, length):
-            _copy_range(src_fd, start + first, dst_fd, first, last - first, template.path)
-
-
-def _copy_range(src_fd: int, src_at: int, dst_fd: int, dst_at: int, count: int, path: str) -> None:
-    while count > 0:
-        try:
-            done = os.copy_file_range(src_fd, dst_fd, count, src_at, dst_at)
-        except (AttributeError, OSError):
-            data = os.pread(src_fd, min(count, 1 << 20), src_at)
-            done = os.pwrite(dst_fd, data, dst_at) if data else 0
-        if done <= 0:
-            raise CheckpointError(path, "truncated while copying")
-        src_at, dst_at, count = src_at + done, dst_at + done, count - done
+    for first, last in gaps_between(extents, 0, length):
+        template.file.copy_to(dst_fd, start + first, last - first, first)
