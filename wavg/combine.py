@@ -30,6 +30,7 @@ from wavg.errors import (
     OutputError,
     UsageError,
 )
+from wavg.onerun import distance_warnings
 from wavg.ordering import epoch_numbers, order_checkpoints
 from wavg.schemes import DEFAULT_ALPHA, raw_weights
 
@@ -39,6 +40,9 @@ BLOCK_ITEMS = 1 << 20
 MAX_OPEN_INPUTS = 256
 # Two workers: the machines wavg targets have two cores or more, and the work is memory-bound.
 WORKERS = 2
+# The one-run check compares every this-many-th item of each input with the newest's: the
+# estimate of the relative distance barely moves, and it costs a fraction of the sum.
+DISTANCE_STRIDE = 8
 _EXTENDED = np.longdouble if np.finfo(np.longdouble).nmant > 52 else np.float64
 
 Progress = Callable[[int, int], None]
@@ -358,6 +362,7 @@ def _write_average(
             for ckpt in inputs:
                 ckpt.file.check_unchanged()
             summary.bytes_written = writer.finish()
+        summary.warnings.extend(averager.one_run_warnings())
     except OSError as exc:
         raise OutputError(out, f"cannot write ({_reason(exc)})") from None
 
@@ -456,6 +461,9 @@ class BlockAverager:
         self.block_items = block_items
         self.allow_nonfinite = allow_nonfinite
         self._local = threading.local()
+        # Sums, over every unit, of each member's squared distance to the newest member
+        # and (last) of the newest's squared norm, on every DISTANCE_STRIDE-th item.
+        self.distances = np.zeros(len(self.members) + 1)
 
     def blocks(self, units: Iterable[Unit]) -> Iterator[tuple[Tensor, int, np.ndarray]]:
         pending: deque[Future] = deque()
@@ -464,30 +472,59 @@ class BlockAverager:
             for unit in units:
                 pending.append(pool.submit(self._average, unit))
                 if len(pending) > WORKERS:
-                    yield from pending.popleft().result()
+                    yield from self._collect(pending.popleft())
             while pending:
-                yield from pending.popleft().result()
+                yield from self._collect(pending.popleft())
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _buffers(self, dtype: type, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """This thread's sum, term and read buffers, reused from block to block."""
+    def _collect(self, future: Future) -> list[tuple[Tensor, int, np.ndarray]]:
+        pieces, distances = future.result()
+        self.distances += distances
+        return pieces
+
+    def _buffers(
+        self, dtype: type, count: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """This thread's sum, term, read and newest-read buffers, reused from unit to unit."""
         cache = self._local.__dict__.setdefault("buffers", {})
         size = max(count, self.block_items)
         found = cache.get(dtype)
         if found is None or found[0].size < count:
-            found = (np.empty(size, dtype), np.empty(size, dtype), np.empty(size * 8, np.uint8))
+            found = (
+                np.empty(size, dtype),
+                np.empty(size, dtype),
+                np.empty(size * 8, np.uint8),
+                np.empty(size * 8 if len(self.members) > 1 else 0, np.uint8),
+            )
             cache[dtype] = found
         return found
 
-    def _average(self, unit: Unit) -> list[tuple[Tensor, int, np.ndarray]]:
+    def _average(self, unit: Unit) -> tuple[list[tuple[Tensor, int, np.ndarray]], np.ndarray]:
         count = unit.count
         acc_dtype = _EXTENDED if unit.dtype == np.float64 else np.float64
-        acc_buf, term_buf, scratch = self._buffers(acc_dtype, count)
+        acc_buf, term_buf, scratch, newest_scratch = self._buffers(acc_dtype, count)
         acc, term = acc_buf[:count], term_buf[:count]
         total = acc_dtype(0)
+        last = len(self.members) - 1
+        distances = np.zeros(last + 2)
+        if last > 0:
+            # The newest first, into its own buffer, so each other input can be compared
+            # with it as it streams past (no second read); the sum keeps input order.
+            newest = unit.read(self.members[last][0], newest_scratch)
+            sample = newest[::DISTANCE_STRIDE]
+            diff_dtype = np.float64 if unit.dtype == np.float64 else np.float32
+            diff = np.empty(sample.size, diff_dtype)
+            reference = sample.astype(diff_dtype)
+            distances[-1] = np.dot(reference, reference)
         for i, (ckpt, w) in enumerate(self.members):
-            block = unit.read(ckpt, scratch)
+            if i == last and last > 0:
+                block = newest
+            else:
+                block = unit.read(ckpt, scratch)
+                if last > 0:
+                    np.subtract(block[::DISTANCE_STRIDE], reference, out=diff, dtype=diff_dtype)
+                    distances[i] = np.dot(diff, diff)
             total += acc_dtype(w)
             if w == 1.0:
                 if i == 0:
@@ -505,7 +542,12 @@ class BlockAverager:
             self._raise_nonfinite(unit, scratch)
         out = np.empty(count, dtype=unit.dtype)
         np.copyto(out, acc, casting="unsafe")
-        return list(unit.pieces(out.view(unit.storage)))
+        return list(unit.pieces(out.view(unit.storage))), distances
+
+    def one_run_warnings(self) -> list[str]:
+        """Warnings when an input is far from the newest (not one run; see wavg.onerun)."""
+        paths = [Path(ckpt.path) for ckpt, _ in self.members]
+        return distance_warnings(paths, list(self.distances[:-1]), float(self.distances[-1]))
 
     def _raise_nonfinite(self, unit: Unit, scratch: np.ndarray) -> None:
         """Name the first input (and tensor) whose part of `unit` holds NaN or Inf."""

@@ -40,13 +40,12 @@ import numpy as np
 from wavg.combine import combine as wavg_combine
 from wavg.data import Dataset, check_fits_model, load_data
 from wavg.errors import CheckpointError, UsageError
+from wavg.onerun import JUMP_LIMIT, SPREAD_LIMIT, not_one_run
 from wavg.ordering import epoch_numbers, order_checkpoints
 from wavg.schemes import DEFAULT_ALPHA, SCHEMES
 
 SCHEMA = "wavg.evaluate/1"
 SINGLE, ENSEMBLE = "single", "ensemble"
-SPREAD_LIMIT = 0.25
-JUMP_LIMIT = 10.0
 _HIGHER_IS_BETTER = ("acc", "auc", "precision", "recall", "f1", "iou", "r2")
 
 Progress = Callable[[int, int], None]
@@ -266,11 +265,7 @@ def one_run_warnings(vectors: Sequence[np.ndarray], paths: Sequence[Path]) -> li
     spread = float(np.linalg.norm(stacked - stacked.mean(axis=0), axis=1).max())
     found = []
     if size > 0 and spread / size > SPREAD_LIMIT:
-        found.append(
-            f"the checkpoints differ by up to {spread / size:.0%} of their weights' size "
-            "(epochs of one run usually differ by about 1%); if they come from separate "
-            "training runs their weights are not aligned and the averages will be poor"
-        )
+        found.append(not_one_run(spread / size))
     steps = np.linalg.norm(np.diff(stacked, axis=0), axis=1)
     typical = float(np.median(steps))
     if len(vectors) >= 3 and typical > 0 and steps.max() > JUMP_LIMIT * typical:
