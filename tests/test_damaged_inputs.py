@@ -364,17 +364,17 @@ def test_an_input_changed_under_the_cli_is_one_line_naming_it(
         shutil.copy(src, tmp_path / src.name)
         inputs.append(tmp_path / src.name)
     victim = inputs[1]
-    real = wavg.checkpoint.base.read_raw
+    real = wavg.checkpoint.inputfile.InputFile.readv
     calls = []
 
-    def read_raw_then_grow(fd, offset, out, path, name):
-        real(fd, offset, out, path, name)
+    def readv_then_grow(self, offset, buffers):
+        real(self, offset, buffers)
         if not calls:  # a training job appends to the file mid-run
             with open(victim, "ab") as f:
                 f.write(b"more")
-        calls.append(name)
+        calls.append(offset)
 
-    monkeypatch.setattr(wavg.checkpoint.base, "read_raw", read_raw_then_grow)
+    monkeypatch.setattr(wavg.checkpoint.inputfile.InputFile, "readv", readv_then_grow)
     with hs.inputs_untouched([inputs[0], inputs[2]]):
         result = hs.run_cli(["combine", *inputs, "-o", tmp_path / "avg.h5"], capfd)
     hs.assert_one_line_error(result, [victim, "changed"])

@@ -29,6 +29,7 @@ from wavg.errors import (
     NonFiniteValues,
     OutputError,
     UsageError,
+    WavgError,
 )
 from wavg.onerun import distance_warnings
 from wavg.ordering import epoch_numbers, order_checkpoints
@@ -182,16 +183,10 @@ def run_plan(
     out_path = Path(out)
     _refuse_output_among_inputs(out_path, plan.inputs)
     check_output_dir(out_path)
-    inputs: list[Checkpoint] = []
+    opened: dict[int, Checkpoint] = {}
     try:
-        keep_open = len(plan.inputs) <= _descriptor_budget()
-        for path in plan.inputs:
-            ckpt = open_checkpoint(os.fspath(path))
-            inputs.append(ckpt)
-            ckpt.trim()
-            if not keep_open:
-                ckpt.file.keep_open = False
-                ckpt.release()
+        _open_inputs(plan.inputs, opened)
+        inputs = [opened[i] for i in range(len(plan.inputs))]
         newest = inputs[-1]
         _check_compatible(inputs, out_path)
         averaged = [t for t in newest.tensors.values() if t.averaged]
@@ -226,10 +221,36 @@ def run_plan(
                 block_items,
             )
     finally:
-        for ckpt in inputs:
+        for ckpt in opened.values():
             ckpt.close()
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _open_inputs(paths: list[Path], opened: dict[int, Checkpoint]) -> None:
+    """Open every input into `opened` (by index), the newest first: its structure, walked
+    and checked, lets each other input be verified against it rather than walked again."""
+    keep_open = len(paths) <= _descriptor_budget()
+    newest = len(paths) - 1
+
+    def open_one(i: int) -> None:
+        ckpt = open_checkpoint(os.fspath(paths[i]), like=opened.get(newest))
+        opened[i] = ckpt
+        ckpt.trim()
+        if not keep_open:
+            ckpt.file.keep_open = False
+            ckpt.release()
+
+    try:
+        open_one(newest)
+    except WavgError:
+        # Problems are reported oldest first, as the user lists them: an older bad input
+        # is named before the newest.
+        for i in range(newest):
+            open_one(i)
+        raise
+    for i in range(newest):
+        open_one(i)
 
 
 def _copied_weight_warnings(newest: Checkpoint) -> list[str]:

@@ -18,18 +18,22 @@ _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _ZIP_SIGNATURE = b"PK\x03\x04"
 
 
-def open_checkpoint(path: str) -> Checkpoint:
-    """Open `path` read-only and list its tensors; raises `CheckpointError` if it is unusable."""
+def open_checkpoint(path: str, like: Checkpoint | None = None) -> Checkpoint:
+    """Open `path` read-only and list its tensors; raises `CheckpointError` if it is unusable.
+
+    `like`, an open checkpoint likely of the same run (the newest input), lets a format
+    verify that this file has its structure instead of walking it afresh.
+    """
     file = InputFile(path)
     try:
         kind = _sniff(file)
         if kind == "zip":
             from wavg.checkpoint.keras_zip import KerasCheckpoint
 
-            return KerasCheckpoint(file)
+            return KerasCheckpoint(file, like)
         from wavg.checkpoint.h5file import H5Checkpoint
 
-        return H5Checkpoint(file)
+        return H5Checkpoint(file, like)
     except BaseException:
         file.release()
         raise

@@ -15,7 +15,7 @@ import numpy as np
 from wavg.checkpoint.base import Checkpoint, Writer, as_bytes, open_hdf5_path, pwrite_all
 from wavg.checkpoint.hdf5 import Tensor
 from wavg.checkpoint.inputfile import InputFile
-from wavg.checkpoint.layouts import hdf5_layout
+from wavg.checkpoint.layouts import PLAIN_HDF5, hdf5_layout
 from wavg.checkpoint.skeleton import copy_around_tensors, lay_out_output
 from wavg.errors import CheckpointError
 
@@ -23,14 +23,16 @@ from wavg.errors import CheckpointError
 class H5Checkpoint(Checkpoint):
     """A checkpoint that is itself an HDF5 file."""
 
-    def __init__(self, file: InputFile) -> None:
+    def __init__(self, file: InputFile, like: Checkpoint | None = None) -> None:
+        super().__init__(file, PLAIN_HDF5)
+        if self._predict_from(like, base_offset=0, data_end=file.size):
+            return  # `like`'s structure, verified byte for byte (no HDF5 open)
         h5 = open_hdf5_path(file.path)
         try:
-            layout = hdf5_layout(h5)
+            self.layout = hdf5_layout(h5)
         except (OSError, RuntimeError, ValueError) as exc:
             h5.close()
             raise CheckpointError(file.path, f"damaged HDF5 file ({exc})") from None
-        super().__init__(file, layout)
         self._h5 = h5
         # Offsets from h5py are absolute in the file, user block included.
         self._load_tensors(base_offset=0, data_end=file.size)
