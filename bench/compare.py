@@ -3,7 +3,8 @@
 ``make bench`` measures one build; a before/after figure from two such runs minutes apart
 mostly measures how busy the machine was. Here every round runs, back to back on the same
 warm files: the dd read floor, build A, build B and the dd write+fsync floor, and each
-figure is the fastest of its rounds, so both builds meet the same noise.
+figure is the fastest of its rounds, so both builds meet the same noise. CPU seconds (user +
+system, all threads) are printed too: a busy machine inflates them far less than wall time.
 
     .venv/bin/python bench/compare.py --a OLD/wavg --b .venv/bin/wavg --only apps --rounds 7
 
@@ -35,12 +36,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def fastest(runs: list[measure.Run]) -> tuple[float, float]:
-    """(best wall s, highest peak RSS MB); raises if any run failed."""
+def fastest(runs: list[measure.Run]) -> tuple[float, float, float]:
+    """(best wall s, least CPU s, highest peak RSS MB); raises if any run failed."""
     for run in runs:
         if not run.ok:
             raise RuntimeError(f"a run failed: {run.stderr_tail}")
-    return min(r.wall_s for r in runs), max(r.peak_rss for r in runs) / 1e6
+    return (
+        min(r.wall_s for r in runs),
+        min(r.cpu_s for r in runs),
+        max(r.peak_rss for r in runs) / 1e6,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     outputs.mkdir(parents=True, exist_ok=True)
     print(
         "| cell | read s | read+write s | A s | B s | A / read | B / read | A / r+w | B / r+w "
-        "| A RSS MB | B RSS MB |"
+        "| A CPU s | B CPU s | A RSS MB | B RSS MB |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for cell in cells:
         checkpoints.ensure(args.out, [(cell.dataset, cell.fmt, cell.n)])
         inputs = checkpoints.checkpoint_paths(args.out, cell.dataset, cell.fmt, cell.n)
@@ -72,12 +77,13 @@ def main(argv: list[str] | None = None) -> int:
             measure.fresh_output(target)()
             cmd = measure.dd_write_cmd(target, size, fsync=True)
             runs["write"].append(measure.run_once(cmd, TIMEOUT_S))
-        (read, _), (write, _) = fastest(runs["read"]), fastest(runs["write"])
-        (a, a_rss), (b, b_rss) = fastest(runs["a"]), fastest(runs["b"])
+        read, write = fastest(runs["read"])[0], fastest(runs["write"])[0]
+        (a, a_cpu, a_rss), (b, b_cpu, b_rss) = fastest(runs["a"]), fastest(runs["b"])
         floor = read + write
         print(
             f"| {cell.name} | {read:.3f} | {floor:.3f} | {a:.3f} | {b:.3f} | {a / read:.2f} "
-            f"| {b / read:.2f} | {a / floor:.2f} | {b / floor:.2f} | {a_rss:.0f} | {b_rss:.0f} |",
+            f"| {b / read:.2f} | {a / floor:.2f} | {b / floor:.2f} | {a_cpu:.3f} | {b_cpu:.3f} "
+            f"| {a_rss:.0f} | {b_rss:.0f} |",
             flush=True,
         )
     return 0
