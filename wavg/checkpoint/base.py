@@ -63,7 +63,7 @@ class Checkpoint:
         # Where the HDF5 weights file lies in the input (start, end), once its tensors are
         # known; and its bytes outside the raw tensors, kept once another input asks.
         self._span: tuple[int, int] | None = None
-        self._metadata: list[tuple[int, bytes]] | None = None
+        self._metadata: list[tuple[int, int, list[tuple[int, bytes]]]] | None = None
 
     # Subclasses say where the HDF5 data lives.
     def _open_weights(self) -> h5py.File:
@@ -137,8 +137,9 @@ class Checkpoint:
         metadata = like._metadata_bytes()
         if metadata is None:
             return False
-        for start, expected in metadata:
-            if self.file.read_at(base_offset + start, len(expected)) != expected:
+        for start, length, parts in metadata:
+            data = memoryview(self.file.read_at(base_offset + start, length))
+            if any(data[at : at + len(expected)] != expected for at, expected in parts):
                 return False
         shift = base_offset - like._span[0]
         self.layout = like.layout
@@ -149,9 +150,14 @@ class Checkpoint:
         self._span = (base_offset, data_end)
         return True
 
-    def _metadata_bytes(self) -> list[tuple[int, bytes]] | None:
-        """This HDF5 file's bytes outside its raw tensors, as (offset from the file's start,
-        bytes) runs; None when they are too many to keep (chunked tensors' data)."""
+    def _metadata_bytes(self) -> list[tuple[int, int, list[tuple[int, bytes]]]] | None:
+        """This HDF5 file's bytes outside its raw tensors, kept to compare other inputs with;
+        None when they are too many to keep (chunked tensors' data).
+
+        As reads: ``(start, length, [(offset in the read, bytes), ...])`` with `start` from
+        the HDF5 file's start; one read spans the gaps around tensors of at most
+        `MAX_READ_GAP` bytes (hundreds of small tensors: a few reads, not one per gap).
+        """
         if self._metadata is None and self._span is not None:
             start, end = self._span
             extents = [
@@ -160,8 +166,21 @@ class Checkpoint:
                 if t.offset is not None
             ]
             gaps = gaps_between(extents, start, end)
-            if sum(last - first for first, last in gaps) <= MAX_PREDICTED_METADATA:
-                self._metadata = [(a - start, self.file.read_at(a, b - a)) for a, b in gaps]
+            if sum(last - first for first, last in gaps) > MAX_PREDICTED_METADATA:
+                return None
+            runs: list[tuple[int, int, list[tuple[int, int]]]] = []
+            for first, last in gaps:
+                if runs and first - runs[-1][1] <= MAX_READ_GAP:
+                    runs[-1] = (runs[-1][0], last, runs[-1][2])
+                else:
+                    runs.append((first, last, []))
+                runs[-1][2].append((first, last))
+            metadata = []
+            for first, last, parts in runs:
+                data = self.file.read_at(first, last - first)
+                kept = [(a - first, data[a - first : b - first]) for a, b in parts]
+                metadata.append((first - start, last - first, kept))
+            self._metadata = metadata
         return self._metadata
 
     @contextlib.contextmanager
