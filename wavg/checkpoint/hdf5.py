@@ -15,18 +15,17 @@ that lies past the end of the file, and declared sizes that dwarf the stored byt
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
 import h5py
-import ml_dtypes
 import numpy as np
 
 from wavg.errors import CheckpointError, UnsafeCheckpoint
 
-BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 IEEE_FLOATS = tuple(
     getattr(h5py.h5t, f"IEEE_F{bits}{order}") for bits in (16, 32, 64) for order in ("LE", "BE")
 )
@@ -34,6 +33,21 @@ IEEE_FLOATS = tuple(
 # (beyond a small floor): real weights barely compress, a fill-value bomb compresses ~1000x.
 MAX_EXPANSION = 64
 EXPANSION_FLOOR_BYTES = 16 << 20
+
+
+@functools.cache
+def bfloat16() -> np.dtype:
+    """numpy's bfloat16 (from ml_dtypes, imported on first use: most models have none, and
+    every import is paid at each start-up)."""
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def __getattr__(name: str) -> np.dtype:
+    if name == "BFLOAT16":  # the constant this module used to export
+        return bfloat16()
+    raise AttributeError(name)
 
 
 @dataclass(frozen=True)
@@ -71,7 +85,7 @@ def numeric_dtype(dtype: np.dtype) -> np.dtype | None:
     if dtype.kind == "f" and dtype.itemsize in (2, 4, 8):
         return dtype
     if dtype.kind == "V" and dtype.itemsize == 2 and dtype.fields is None:
-        return BFLOAT16
+        return bfloat16()
     return None
 
 
@@ -297,7 +311,7 @@ def confirm_opaque_types(h5: h5py.File, tensors: dict[str, Tensor]) -> None:
     bfloat16 to a copied tensor. Run after `check_global_heaps`: the attribute is a string
     kept in a global heap, which libhdf5 must not parse before that check."""
     for name, tensor in list(tensors.items()):
-        if tensor.averaged and tensor.dtype == BFLOAT16:
+        if tensor.averaged and tensor.storage.kind == "V" and tensor.dtype == bfloat16():
             marker = h5[name].attrs.get("dtype")
             if marker is not None and _text(marker) != "bfloat16":
                 tensors[name] = Tensor(
