@@ -3,9 +3,13 @@
 For every averaged tensor of the newest checkpoint, block by block, each input's block is
 multiplied by its weight and added into a float64 running sum (extended precision for
 float64 tensors), divided by the sum of the weights and written in the tensor's own dtype.
-Memory is a few blocks, whatever the model size or the number of inputs; each input byte is
-read once and each output byte written once. This module knows no file format: it sees
-`Checkpoint` readers and a `Writer` (see wavg.checkpoint).
+Runs of small tensors are averaged as one block (`plan_units`): real models are mostly
+biases and BatchNorm vectors, whose per-tensor overhead would otherwise dominate. Memory is
+a few blocks, whatever the model size or the number of inputs; each input byte is read once
+and each output byte written once. In the same pass each input is compared with the newest
+on a sample of its values, to warn when the inputs do not look like one run (wavg.onerun).
+This module knows no file format: it sees `Checkpoint` readers and a `Writer` (see
+wavg.checkpoint).
 """
 
 from __future__ import annotations
