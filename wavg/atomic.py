@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from wavg.errors import OutputError
+from wavg.signals import signals_held
 
 TMP_MARKER = ".wavg-tmp-"
 
@@ -50,12 +51,18 @@ def atomic_output(out: Path) -> Iterator[str]:
     check_output_dir(out)
     remove_stale_temps(out)
     tmp = f"{temp_prefix(out)}{os.getpid()}-{secrets.token_hex(4)}"
+    # Created inside the try: a signal handled just after the file appears (SIGTERM raises
+    # in the next bytecode) must still reach the cleanup below.
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
-    except OSError as exc:
-        raise OutputError(out, f"cannot create a file in {out.parent} ({exc.strerror})") from None
-    os.close(fd)
-    try:
+        try:
+            fd = os.open(
+                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644
+            )
+        except OSError as exc:
+            raise OutputError(
+                out, f"cannot create a file in {out.parent} ({exc.strerror})"
+            ) from None
+        os.close(fd)
         yield tmp
         try:
             os.replace(tmp, out)
@@ -63,9 +70,10 @@ def atomic_output(out: Path) -> Iterator[str]:
             raise OutputError(out, f"cannot rename into place ({exc.strerror})") from None
         fsync_directory(out.parent)
     finally:
-        for leftover in glob.glob(glob.escape(tmp) + "*"):
-            with contextlib.suppress(OSError):
-                os.unlink(leftover)
+        with signals_held():  # a second SIGTERM must not cut the cleanup short
+            for leftover in glob.glob(glob.escape(tmp) + "*"):
+                with contextlib.suppress(OSError):
+                    os.unlink(leftover)
 
 
 def fsync_directory(directory: Path) -> None:
