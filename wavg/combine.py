@@ -51,6 +51,10 @@ WORKERS = 2
 # far more finely than the 25% limit needs. Measured cost: see README, Performance.
 DISTANCE_STRIDE = 32
 SAMPLE_ROW = 1024
+# ... in 1 large unit in UNIT_STRIDE (every small one): a compared unit holds the newest's
+# block in its own buffer until the sum reaches it, one more pass over memory (measured:
+# ~10% of the averaging's CPU when every unit was compared).
+UNIT_STRIDE = 4
 _EXTENDED = np.longdouble if np.finfo(np.longdouble).nmant > 52 else np.float64
 
 Progress = Callable[[int, int], None]
@@ -497,8 +501,9 @@ class BlockAverager:
         pending: deque[Future] = deque()
         pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="wavg-average")
         try:
-            for unit in units:
-                pending.append(pool.submit(self._average, unit))
+            for index, unit in enumerate(units):
+                compare = index % UNIT_STRIDE == 0 or unit.count < DISTANCE_STRIDE * SAMPLE_ROW
+                pending.append(pool.submit(self._average, unit, compare))
                 if len(pending) > WORKERS:
                     yield from self._collect(pending.popleft())
             while pending:
@@ -528,7 +533,11 @@ class BlockAverager:
             cache[dtype] = found
         return found
 
-    def _average(self, unit: Unit) -> tuple[list[tuple[Tensor, int, np.ndarray]], np.ndarray]:
+    def _average(
+        self, unit: Unit, compare: bool
+    ) -> tuple[list[tuple[Tensor, int, np.ndarray]], np.ndarray]:
+        """Average `unit`; with `compare`, also measure each input's distance to the newest
+        on a sample of it (see `DISTANCE_STRIDE`)."""
         count = unit.count
         acc_dtype = _EXTENDED if unit.dtype == np.float64 else np.float64
         acc_buf, term_buf, scratch, newest_scratch = self._buffers(acc_dtype, count)
@@ -536,7 +545,8 @@ class BlockAverager:
         total = acc_dtype(0)
         last = len(self.members) - 1
         distances = np.zeros(last + 2)
-        if last > 0:
+        compare = compare and last > 0
+        if compare:
             # The newest first, into its own buffer, so each other input can be compared
             # with it as it streams past (no second read); the sum keeps input order.
             newest = unit.read(self.members[last][0], newest_scratch)
@@ -545,11 +555,11 @@ class BlockAverager:
             diff = np.empty_like(reference)
             distances[-1] = np.dot(reference.ravel(), reference.ravel())
         for i, (ckpt, w) in enumerate(self.members):
-            if i == last and last > 0:
+            if i == last and compare:
                 block = newest
             else:
                 block = unit.read(ckpt, scratch)
-                if last > 0:
+                if compare:
                     np.subtract(_sample(block), reference, out=diff, dtype=diff_dtype)
                     distances[i] = np.dot(diff.ravel(), diff.ravel())
             total += acc_dtype(w)
