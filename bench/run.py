@@ -22,6 +22,7 @@ from pathlib import Path
 import checkpoints
 import measure
 import plots
+import remote_workload
 import report
 import runner
 import targets
@@ -43,7 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="NAME",
-        help="cell or group (scale, ref, formats, many, apps, sample, fds); repeat or comma-separate",
+        help="cell or group (scale, ref, formats, many, apps, sample, fds, remote); repeat or comma-separate",
     )
     parser.add_argument("--keep", action="store_true", help="keep generated checkpoints")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "out", help="scratch directory")
@@ -157,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     _interrupt_on_sigterm()
     selectors = [s for item in args.only for s in item.split(",") if s]
     cells = [c for c in (quick_cells() if args.quick else full_cells()) if c.matches(selectors)]
-    if args.list or not cells:
+    run_remote = not args.quick and (not selectors or "remote" in selectors)
+    if args.list or not (cells or run_remote):
         print("\n".join(f"{c.name:28} groups={','.join(c.groups)}" for c in cells) or "no cell")
         return 0 if cells else 2
     partial = args.quick or bool(selectors)
@@ -187,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
                     notes.append(f"{cell.name}: {note}")
             release(args.out, cell, remaining, args.keep)
             emit(rows, results_dir, notes, draw=False)
+        if run_remote:  # object storage: see remote_workload.py
+            notes += remote_workload.run(args.out, ctx.wavg, args.keep)
     except KeyboardInterrupt:
         notes.append("run interrupted: cells after the last row were not measured")
     notes.append(f"total harness time {time.perf_counter() - started:.0f} s")

@@ -1,43 +1,47 @@
-"""Reproduce the tutorial's case study with several seeds and report what averaging gives.
+"""Reproduce the case study with several seeds and report what averaging gives.
 
-For each seed: `wavg train-save` (500 epochs, Adam, keep model_490 ... model_499), then
-`wavg evaluate` on the 1000 test samples. Reports the test accuracy of the single checkpoints
-and of each average and the ensemble of the 10 newest, as mean +- sd over seeds, next to the
-figures the tutorial reported. Takes about 30 s per seed on two CPU cores.
+For each seed: `wavg train-save` (a training setting: optimizer, constant learning rate, batch
+size, epochs; keep the last K), then `wavg evaluate` on the test split with every column it
+offers (averages, +bn with --bn-data, the greedy soup chosen on the validation split, the
+ensemble). Reports per-seed rows, then mean ± sd over seeds of each column at n = K, and the
+paired gain of each column over the last epoch (mean ± standard error over seeds).
 
-    .venv/bin/python scripts/reproduce_case_study.py --seeds 1 2 3 4 5 --write docs/case_study.md
+    .venv/bin/python scripts/reproduce_case_study.py --seeds 1 2 3 4 5                # tutorial
+    .venv/bin/python scripts/reproduce_case_study.py --optimizer sgd --lr 0.05 --epochs 300
+    .venv/bin/python scripts/reproduce_case_study.py --data digits --optimizer sgd --lr 0.05 \\
+        --epochs 20 --keep 5 --bn-data digits
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 from wavg.evaluate import evaluate
 from wavg.train import train_save
 
-TUTORIAL = {
-    "single": "0.802 - 0.814",
-    "equal": "0.807 - 0.814",
-    "linear": "up to 0.815",
-    "exp": "0.813 - 0.815",
-    "ensemble": "(not reported)",
-}
-COLUMNS = ("single", "equal", "linear", "exp", "ensemble")
 
-
-def run_seed(seed: int, epochs: int, keep: int, optimizer: str) -> dict[str, list[float]]:
-    """Accuracies for one seed: all single checkpoints, and each column at n = keep."""
+def run_seed(seed: int, args: argparse.Namespace) -> dict[str, list[float]]:
+    """Accuracies for one seed: all single checkpoints, the last epoch, each column at n=K."""
     with tempfile.TemporaryDirectory(prefix=f"wavg-case-study-{seed}-") as tmp:
-        files = train_save(tmp, epochs=epochs, keep=keep, seed=seed, optimizer=optimizer).files
-        result = evaluate(files, data="blobs")
+        files = train_save(
+            tmp,
+            epochs=args.epochs,
+            keep=args.keep,
+            seed=seed,
+            optimizer=args.optimizer,
+            learning_rate=args.lr,
+            batch_size=args.batch_size,
+            data=args.data,
+        ).files
+        result = evaluate(files, data=args.data, bn_data=args.bn_data)
     accuracy = [row["single"]["accuracy"] for row in result.scores]
-    found = {"single": accuracy, "newest": [accuracy[0]]}
-    for column in COLUMNS[1:]:
+    found = {"single": accuracy, "last epoch": [accuracy[0]]}
+    for column in result.columns[1:]:
         found[column] = [result.scores[-1][column]["accuracy"]]
     return found
 
@@ -47,35 +51,39 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {sd:.4f}"
 
 
-def report(runs: dict[int, dict[str, list[float]]], keep: int, seconds: float) -> str:
-    """A Markdown report: per-seed rows, then the summary next to the tutorial."""
-    lines = [
-        f"| seed | single checkpoints (min – max of {keep}) | last epoch | "
-        f"equal (n={keep}) | linear (n={keep}) | exp α=2 (n={keep}) | ensemble (n={keep}) |",
-        "|---|---|---|---|---|---|---|",
-    ]
+def _gain(runs: list[dict[str, list[float]]], column: str) -> str:
+    diffs = [run[column][0] - run["last epoch"][0] for run in runs]
+    if len(diffs) < 2:
+        return f"{diffs[0]:+.4f}"
+    mean, se = statistics.mean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs))
+    ratio = f" ({mean / se:+.1f} se)" if se > 0 else ""
+    return f"{mean:+.4f} ± {se:.4f}{ratio}"
+
+
+def report(runs: dict[int, dict[str, list[float]]], keep: int) -> str:
+    """A Markdown report: per-seed rows, then mean ± sd and the paired gain per column."""
+    columns = [c for c in next(iter(runs.values())) if c not in ("single", "last epoch")]
+    header = ["seed", f"single (min – max of {keep})", "last epoch"]
+    header += [f"{c} (n={keep})" for c in columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for seed, run in runs.items():
-        cells = [f"{min(run['single']):.3f} – {max(run['single']):.3f}", f"{run['newest'][0]:.3f}"]
-        cells += [f"{run[c][0]:.3f}" for c in COLUMNS[1:]]
+        cells = [
+            f"{min(run['single']):.3f} – {max(run['single']):.3f}",
+            f"{run['last epoch'][0]:.3f}",
+        ]
+        cells += [f"{run[c][0]:.3f}" for c in columns]
         lines.append(f"| {seed} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        f"| | wavg, mean ± sd over {len(runs)} seeds | tutorial (one run) |",
+        f"| n = {keep} | mean ± sd over {len(runs)} seeds | gain over the last epoch (mean ± se) |",
         "|---|---|---|",
     ]
-    pooled = {c: [v for run in runs.values() for v in run[c]] for c in (*COLUMNS, "newest")}
-    lines.append(
-        f"| single checkpoints (all {keep} per seed) | {_mean_sd(pooled['single'])} | "
-        f"{TUTORIAL['single']} |"
-    )
-    lines.append(f"| last epoch only | {_mean_sd(pooled['newest'])} | |")
-    for column in COLUMNS[1:]:
-        label = "exp average (α = 2)" if column == "exp" else f"{column} average"
-        if column == "ensemble":
-            label = "output ensemble"
-        lines.append(f"| {label}, n = {keep} | {_mean_sd(pooled[column])} | {TUTORIAL[column]} |")
-    lines.append("")
-    lines.append(f"Test accuracy on the 1000 test samples; {seconds:.0f} s in total.")
+    pooled = {c: [v for run in runs.values() for v in run[c]] for c in ("single", "last epoch")}
+    lines.append(f"| single checkpoints (all {keep} per seed) | {_mean_sd(pooled['single'])} | |")
+    lines.append(f"| last epoch | {_mean_sd(pooled['last epoch'])} | |")
+    for column in columns:
+        values = [run[column][0] for run in runs.values()]
+        lines.append(f"| {column} | {_mean_sd(values)} | {_gain(list(runs.values()), column)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -85,18 +93,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=500)
     parser.add_argument("--keep", type=int, default=10)
     parser.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
-    parser.add_argument("--write", type=Path, help="also write the Markdown report here")
+    parser.add_argument("--lr", type=float, default=None, help="constant learning rate")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--data", default="blobs", help="blobs, digits or FILE.npz")
+    parser.add_argument("--bn-data", default=None, help="add the +bn columns")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     runs = {}
     for seed in args.seeds:
         print(f"seed {seed} ...", file=sys.stderr, flush=True)
-        runs[seed] = run_seed(seed, args.epochs, args.keep, args.optimizer)
-    text = report(runs, args.keep, time.perf_counter() - start)
-    text = f"Optimizer: {args.optimizer}, {args.epochs} epochs.\n\n{text}"
-    print(text)
-    if args.write:
-        args.write.write_text(text)
+        runs[seed] = run_seed(seed, args)
+    lr = args.lr if args.lr is not None else ("0.01" if args.optimizer == "sgd" else "0.001")
+    print(
+        f"{args.data}: {args.optimizer}, learning rate {lr}, batch size {args.batch_size}, "
+        f"{args.epochs} epochs, last {args.keep} kept; test accuracy; "
+        f"{time.perf_counter() - start:.0f} s in total.\n"
+    )
+    print(report(runs, args.keep))
     return 0
 
 

@@ -21,12 +21,15 @@ JSON_KEYS = {
     "format",
     "tensors",
     "copied_tensors",
+    "requantized_layers",
     "bytes_read",
     "bytes_written",
     "seconds",
     "dry_run",
     "dropped_optimizer",
     "warnings",
+    "bytes_fetched",
+    "requests",
 }
 
 
@@ -72,6 +75,7 @@ def test_json_summary_has_a_stable_schema(samples, tmp_path):
     assert [i["epoch"] for i in data["inputs"]] == [497, 498, 499]
     assert [round(i["weight"], 6) for i in data["inputs"]] == [0.166667, 0.333333, 0.5]
     assert data["format"] == "h5" and data["tensors"] == 4 and data["dry_run"] is False
+    assert data["bytes_fetched"] == 0 and data["requests"] == 0  # local inputs fetch nothing
     assert data["bytes_written"] == out.stat().st_size
 
 

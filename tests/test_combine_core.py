@@ -307,13 +307,15 @@ def test_a_thousand_inputs_work_with_few_file_descriptors(tmp_path):
 
 
 def test_integer_weight_tensors_are_copied_from_the_newest_with_a_warning(tmp_path):
+    # A lookup table, not a quantized kernel: an 8-bit matrix beside float scales would be
+    # refused as quantized (tests/test_quantized.py).
     files = []
     for i in range(3):
         files.append(
             write_weights(
                 tmp_path / f"m_{i}.weights.h5",
                 {
-                    "layers/q/vars/0": np.full((4, 8), i, np.int8),
+                    "layers/q/vars/0": np.full((4, 8), i, np.int64),
                     "layers/q/vars/1": np.full(8, float(i), np.float32),
                 },
             )
@@ -321,10 +323,10 @@ def test_integer_weight_tensors_are_copied_from_the_newest_with_a_warning(tmp_pa
     out = tmp_path / "avg.weights.h5"
     summary = wavg.combine(files, out)
     got = read_weights(out)
-    assert np.array_equal(got["layers/q/vars/0"], np.full((4, 8), 2, np.int8))
+    assert np.array_equal(got["layers/q/vars/0"], np.full((4, 8), 2, np.int64))
     assert np.array_equal(got["layers/q/vars/1"], np.full(8, 1.0, np.float32))
     copied = [w for w in summary.warnings if "copied" in w]
-    assert len(copied) == 1 and "layers/q/vars/0 (int8)" in copied[0]
+    assert len(copied) == 1 and "layers/q/vars/0 (int64)" in copied[0]
 
 
 @pytest.mark.parametrize("fmt", ["h5", "keras"])

@@ -364,17 +364,23 @@ def test_an_input_changed_under_the_cli_is_one_line_naming_it(
         shutil.copy(src, tmp_path / src.name)
         inputs.append(tmp_path / src.name)
     victim = inputs[1]
-    real = wavg.checkpoint.inputfile.InputFile.readv
     calls = []
 
-    def readv_then_grow(self, offset, buffers):
-        real(self, offset, buffers)
-        if not calls:  # a training job appends to the file mid-run
-            with open(victim, "ab") as f:
-                f.write(b"more")
-        calls.append(offset)
+    def grow_after(real):
+        def read_then_grow(self, offset, buffers):
+            got = real(self, offset, buffers)
+            if not calls:  # a training job appends to the file mid-run
+                with open(victim, "ab") as f:
+                    f.write(b"more")
+            calls.append(offset)
+            return got
 
-    monkeypatch.setattr(wavg.checkpoint.inputfile.InputFile, "readv", readv_then_grow)
+        return read_then_grow
+
+    # Tensor bytes are read with readinto (one block) or readv (a batch of small tensors).
+    for method in ("readinto", "readv"):
+        real = getattr(wavg.checkpoint.inputfile.InputFile, method)
+        monkeypatch.setattr(wavg.checkpoint.inputfile.InputFile, method, grow_after(real))
     with hs.inputs_untouched([inputs[0], inputs[2]]):
         result = hs.run_cli(["combine", *inputs, "-o", tmp_path / "avg.h5"], capfd)
     hs.assert_one_line_error(result, [victim, "changed"])

@@ -34,7 +34,7 @@ def result(run):
 
 def test_a_one_member_average_scores_exactly_like_the_newest_checkpoint(result):
     first = result.scores[0]
-    for column in ("equal", "linear", "exp", "exp(a=0.5)", "ensemble"):
+    for column in ("equal", "linear", "exp", "exp(a=0.5)", "greedy", "ensemble"):
         assert first[column] == first["single"], column
 
 
@@ -71,7 +71,15 @@ def test_averages_are_made_by_combine_and_differ_from_single_checkpoints(run, re
 
 
 def test_columns_and_order_follow_the_schemes_and_alphas(result):
-    assert result.columns == ["single", "equal", "linear", "exp", "exp(a=0.5)", "ensemble"]
+    assert result.columns == [
+        "single",
+        "equal",
+        "linear",
+        "exp",
+        "exp(a=0.5)",
+        "greedy",
+        "ensemble",
+    ]
     assert [p.name for p in result.checkpoints] == [p.name for p in short_run()]
     assert result.epochs == [8, 9, 10, 11]
     assert result.primary_metric == "accuracy"
@@ -94,7 +102,7 @@ def test_json_output_has_a_stable_schema(run):
         "warnings",
     ]
     assert doc["schema"] == SCHEMA
-    assert doc["columns"] == ["single", "equal", "ensemble"]
+    assert doc["columns"] == ["single", "equal", "greedy", "ensemble"]
     assert doc["metrics"] == ["loss", "accuracy"]
     assert doc["checkpoints"] == [str(run[-1]), str(run[-2])]  # newest first
     assert [list(row) for row in doc["rows"]] == [["n", "checkpoint", "epoch", "scores"]] * 2
@@ -108,7 +116,7 @@ def test_csv_output_has_one_score_per_line(run):
     assert code == 0, err
     lines = out.splitlines()
     assert lines[0] == "n,epoch,checkpoint,column,metric,value"
-    assert len(lines) == 1 + 2 * 3 * 2  # n x (single, exp, ensemble) x (loss, accuracy)
+    assert len(lines) == 1 + 2 * 4 * 2  # n x (single, exp, greedy, ensemble) x (loss, accuracy)
     assert lines[1].startswith(f"1,11,{run[-1]},single,loss,")
 
 

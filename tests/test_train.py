@@ -95,6 +95,26 @@ def test_optimizer_cannot_be_combined_with_a_model_file(tmp_path):
         train_save(tmp_path, model=tmp_path / "m.keras", optimizer="sgd")
 
 
+def test_a_learning_rate_must_be_positive_and_is_for_the_built_in_model_only(tmp_path):
+    code, _, err = run_wavg(
+        "train-save", "--epochs", 2, "--keep", 1, "--lr", -1, "--out-dir", tmp_path
+    )
+    assert_one_line_error(code, err, "--lr", exit_code=2)
+    with pytest.raises(UsageError, match="--lr"):
+        train_save(tmp_path, model=tmp_path / "m.keras", learning_rate=0.1)
+
+
+def test_the_learning_rate_and_batch_size_reach_the_optimizer_and_fit(tmp_path):
+    import keras
+
+    result = train_save(
+        tmp_path, epochs=2, keep=1, optimizer="sgd", learning_rate=0.25, batch_size=50, seed=1
+    )
+    net = keras.models.load_model(result.files[-1])
+    assert float(net.optimizer.learning_rate) == pytest.approx(0.25)
+    assert int(net.optimizer.iterations) == 2 * 2  # 100 samples in batches of 50, 2 epochs
+
+
 def test_importing_wavg_and_its_cli_does_not_import_tensorflow_or_keras():
     code = (
         "import sys, wavg, wavg.cli, wavg.data, wavg.model_loading, wavg.evaluate, wavg.plot;"

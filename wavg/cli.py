@@ -21,6 +21,7 @@ from rich.table import Table
 from wavg.combine import CombinePlan, CombineSummary, plan_combine, run_plan
 from wavg.errors import EXIT_INTERRUPTED, EXIT_USAGE, UsageError, WavgError
 from wavg.ordering import ORDERS
+from wavg.quantized_combine import POLICIES
 from wavg.schemes import DEFAULT_ALPHA, SCHEMES, parse_weight_list
 
 _stderr = Console(stderr=True)
@@ -107,6 +108,13 @@ def cli() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @click.option("--allow-nonfinite", is_flag=True, help="Average tensors that hold NaN or Inf.")
 @click.option("--drop-optimizer", is_flag=True, help="Leave the optimizer state out of the output.")
+@click.option(
+    "--quantized",
+    type=click.Choice(POLICIES),
+    default="refuse",
+    show_default=True,
+    help="Quantized (int8/int4) inputs: refuse them, or dequantize, average and requantize.",
+)
 def combine(
     checkpoints: tuple[str, ...],
     output: str,
@@ -119,6 +127,7 @@ def combine(
     as_json: bool,
     allow_nonfinite: bool,
     drop_optimizer: bool,
+    quantized: str,
 ) -> None:
     """Average CHECKPOINTS (one training run's last epochs) into one checkpoint.
 
@@ -153,6 +162,7 @@ def combine(
             drop_optimizer=drop_optimizer,
             dry_run=dry_run,
             progress=progress,
+            quantized=quantized,
             on_ready=on_ready,
         )
     for warning in summary.warnings[len(shown) :]:  # found while averaging (one run?)
@@ -161,12 +171,18 @@ def combine(
         click.echo(json.dumps(summary.to_json(), indent=2))
     elif dry_run:
         click.echo(
-            f"dry run: would write {output} ({summary.format}, {summary.tensors} tensors "
+            f"dry run: would write {summary.output} ({summary.format}, {summary.tensors} tensors "
             f"averaged, {summary.copied_tensors} copied); nothing written"
         )
     else:
+        requantized = (
+            f", {summary.requantized_layers} quantized layers requantized"
+            if summary.requantized_layers
+            else ""
+        )
         click.echo(
-            f"wrote {output} ({summary.format}, {summary.tensors} tensors averaged, "
+            f"wrote {summary.output} ({summary.format}, {summary.tensors} tensors averaged"
+            f"{requantized}, "
             f"{summary.copied_tensors} copied, {_size(summary.bytes_written)}) "
             f"in {summary.seconds:.2f} s"
         )
@@ -300,6 +316,14 @@ def _install_signal_handlers() -> None:
     default=None,
     help="Built-in model only: adam (default) or sgd (lr 0.01, momentum 0.9).",
 )
+@click.option(
+    "--lr",
+    "learning_rate",
+    type=float,
+    default=None,
+    help="Built-in model only: constant learning rate (adam 0.001, sgd 0.01).",
+)
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Batch size.")
 @click.option("--seed", type=int, default=None, help="Make the run deterministic.")
 @click.option(
     "--format",
@@ -310,7 +334,7 @@ def _install_signal_handlers() -> None:
     help="Checkpoint format: legacy .h5 model, .keras model, or .weights.h5.",
 )
 @click.option("--out-dir", default="checkpoints", show_default=True, help="Where to save.")
-@click.option("--data", default="blobs", show_default=True, help="'blobs' or FILE.npz.")
+@click.option("--data", default="blobs", show_default=True, help="'blobs', 'digits' or FILE.npz.")
 @click.option("--model", "model_file", default=None, help="Train this compiled FILE.keras.")
 @click.option("--custom-objects", default=None, help="Module defining the model's classes.")
 @click.option("--trust-file", is_flag=True, help="Load --model even if it holds code.")
@@ -319,6 +343,8 @@ def train_save_command(
     epochs: int,
     keep: int,
     optimizer: str | None,
+    learning_rate: float | None,
+    batch_size: int,
     seed: int | None,
     fmt: str,
     out_dir: str,
@@ -338,6 +364,8 @@ def train_save_command(
             epochs=epochs,
             keep=keep,
             optimizer=optimizer,
+            learning_rate=learning_rate,
+            batch_size=batch_size,
             seed=seed,
             fmt=fmt,
             data=data,
@@ -363,6 +391,18 @@ def train_save_command(
 @click.option("--alphas", default=None, help="Extra exp columns, e.g. 0.5,1,2,4,8.")
 @click.option("--max-n", type=int, default=None, help="Evaluate n = 1 ... N (default: all).")
 @click.option("--no-ensemble", is_flag=True, help="Skip the output-averaging column.")
+@click.option(
+    "--soup-data",
+    default=None,
+    help="Held-out FILE.npz (x_test, y_test) the greedy soup is chosen on; not --data. "
+    "Default with --data blobs: the blobs validation split.",
+)
+@click.option("--no-greedy", is_flag=True, help="Skip the greedy-soup column.")
+@click.option(
+    "--bn-data",
+    default=None,
+    help="'blobs' or FILE.npz: add each average after bn-update on its x_train (name+bn).",
+)
 @click.option("--metric", default=None, help="Score to show (default: accuracy, else loss).")
 @click.option("--plot", "plot_path", default=None, help="Save a plot to FILE.png.")
 @click.option("--json", "as_json", is_flag=True, help="JSON on stdout (wavg.evaluate/1).")
@@ -378,6 +418,9 @@ def evaluate_command(
     alphas: str | None,
     max_n: int | None,
     no_ensemble: bool,
+    soup_data: str | None,
+    no_greedy: bool,
+    bn_data: str | None,
     metric: str | None,
     plot_path: str | None,
     as_json: bool,
@@ -386,7 +429,8 @@ def evaluate_command(
     custom_objects: str | None,
     trust_file: bool,
 ) -> None:
-    """Score single checkpoints, weight averages and the ensemble of the n newest, n = 1...N."""
+    """Score single checkpoints, weight averages, the greedy soup and the ensemble of the n
+    newest, n = 1...N."""
     from wavg.evaluate import evaluate, parse_list
     from wavg.plot import check_plot_path, plot_evaluation
 
@@ -404,6 +448,9 @@ def evaluate_command(
             alphas=parse_list(alphas, "--alphas", float),
             max_n=max_n,
             ensemble=not no_ensemble,
+            greedy=not no_greedy,
+            soup_data=soup_data,
+            bn_data=bn_data,
             model=model_file,
             custom_objects=custom_objects,
             trust=trust_file,
@@ -422,6 +469,138 @@ def evaluate_command(
         _render_evaluation(result, metric)
         if plot_path is not None:
             click.echo(f"plot saved to {plot_path}", err=True)
+
+
+@cli.command("bn-update", no_args_is_help=True)
+@click.argument("avg")
+@click.option("--data", required=True, help="Training inputs: 'blobs' or FILE.npz (x_train).")
+@click.option("-o", "--output", required=True, help="Checkpoint to write (AVG's format).")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Batch size.")
+@click.option("--model", "model_file", default=None, help="Architecture for a .weights.h5 AVG.")
+@click.option("--custom-objects", default=None, help="Module defining the model's classes.")
+@click.option("--trust-file", is_flag=True, help="Load files even if they hold code.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
+def bn_update_command(
+    avg: str,
+    data: str,
+    output: str,
+    batch_size: int,
+    model_file: str | None,
+    custom_objects: str | None,
+    trust_file: bool,
+    as_json: bool,
+) -> None:
+    """Recompute the BatchNormalization statistics of AVG (an averaged model) on training data.
+
+    \b
+    Example:
+      wavg bn-update avg.keras --data train.npz -o avg_bn.keras
+    """
+    from wavg.bn_update import bn_update
+
+    result = bn_update(
+        avg,
+        data,
+        output,
+        model=model_file,
+        batch_size=batch_size,
+        custom_objects=custom_objects,
+        trust=trust_file,
+    )
+    if result.frozen:
+        click.echo(
+            f"wavg: note: left {len(result.frozen)} frozen BatchNormalization layer(s) "
+            f"alone (trainable=False): {', '.join(result.frozen)}",
+            err=True,
+        )
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+    elif result.output is None:
+        click.echo(
+            f"wavg: note: {avg} has no trainable BatchNormalization layer; nothing to "
+            f"recalibrate, {output} not written",
+            err=True,
+        )
+    else:
+        click.echo(
+            f"wrote {output} ({len(result.updated)} BatchNormalization layer(s) recalibrated "
+            f"on {result.samples} samples in {result.batches} batches, "
+            f"{_size(result.bytes_written)}) in {result.seconds:.2f} s"
+        )
+
+
+@cli.command("soup", no_args_is_help=True)
+@click.argument("checkpoints", nargs=-1, required=True)
+@click.option(
+    "--data",
+    required=True,
+    help="Held-out data to choose on: 'blobs' (its validation split) or VAL.npz (x_test, y_test).",
+)
+@click.option("-o", "--output", required=True, help="The soup to write (the inputs' format).")
+@click.option("--metric", default=None, help="Score to choose by (default: accuracy, else loss).")
+@click.option("--bn-data", default=None, help="Recalibrate BatchNorm on 'blobs' or FILE.npz.")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="For --bn-data.")
+@click.option(
+    "--order",
+    type=click.Choice(ORDERS),
+    default="natural",
+    show_default=True,
+    help="natural: by the epoch number in the names; given: as listed.",
+)
+@click.option("--json", "as_json", is_flag=True, help="JSON on stdout (wavg.soup/1).")
+@click.option("--model", "model_file", default=None, help="Architecture (FILE.keras).")
+@click.option("--custom-objects", default=None, help="Module defining the model's classes.")
+@click.option("--trust-file", is_flag=True, help="Load files even if they hold code.")
+def soup_command(
+    checkpoints: tuple[str, ...],
+    data: str,
+    output: str,
+    metric: str | None,
+    bn_data: str | None,
+    batch_size: int,
+    order: str,
+    as_json: bool,
+    model_file: str | None,
+    custom_objects: str | None,
+    trust_file: bool,
+) -> None:
+    """Average the checkpoints a greedy soup picks on held-out data into one checkpoint.
+
+    \b
+    Example:
+      wavg soup ckpt/model_49*.h5 --data blobs -o soup.h5
+    """
+    from wavg.soup import soup
+
+    def show(step, path) -> None:
+        verdict = "kept" if step.kept else "left out"
+        click.echo(f"soup: {path.name:<24} {step.score:.4f}  {verdict}", err=True)
+
+    result = soup(
+        checkpoints,
+        data,
+        output,
+        metric=metric,
+        bn_data=bn_data,
+        batch_size=batch_size,
+        model=model_file,
+        custom_objects=custom_objects,
+        trust=trust_file,
+        order=order,
+        on_step=show,
+    )
+    for warning in result.warnings:
+        click.echo(f"wavg: warning: {warning}", err=True)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+        return
+    best = result.best_single
+    click.echo(
+        f"wrote {output}: the average of {len(result.ingredients)} of {len(result.members)} "
+        f"checkpoints; {result.metric} on {result.data}: soup {result.soup_score:.4f}, "
+        f"best single {result.single_scores[best]:.4f} ({result.members[best].name}), "
+        f"uniform average {result.uniform_score:.4f}"
+    )
 
 
 def _render_evaluation(result, metric: str) -> None:

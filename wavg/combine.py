@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from wavg.atomic import check_output_dir
-from wavg.checkpoint import Checkpoint, Tensor, iter_blocks, open_checkpoint
+from wavg.checkpoint import Checkpoint, Tensor, iter_blocks, open_checkpoint, staged_output
 from wavg.errors import (
     CheckpointError,
     CheckpointMismatch,
@@ -35,8 +35,10 @@ from wavg.errors import (
     UsageError,
     WavgError,
 )
+from wavg.locations import Location, as_location, expand_inputs, identity_key
 from wavg.onerun import distance_warnings
 from wavg.ordering import epoch_numbers, order_checkpoints
+from wavg.quantized_combine import Requantizer, check_policy, mark_written, plan_quantized
 from wavg.schemes import DEFAULT_ALPHA, raw_weights
 
 # Items per block: 1 Mi items keeps the float64 sum and its scratch at 16 MiB.
@@ -64,7 +66,7 @@ Progress = Callable[[int, int], None]
 class CombinePlan:
     """What will be averaged: files oldest first, their epochs and normalised weights."""
 
-    inputs: list[Path]
+    inputs: list[Location]
     epochs: list[int | None]
     weights: list[float]
     scheme: str
@@ -76,12 +78,12 @@ class CombinePlan:
 class CombineSummary:
     """What a combine did (or, with dry_run, would do)."""
 
-    inputs: list[Path]
+    inputs: list[Location]
     epochs: list[int | None]
     weights: list[float]
     scheme: str
     alpha: float | None
-    output: Path
+    output: Location
     format: str
     tensors: int  # averaged tensors
     copied_tensors: int  # tensors copied from the newest checkpoint
@@ -91,6 +93,9 @@ class CombineSummary:
     dry_run: bool
     dropped_optimizer: bool = False
     warnings: list[str] = field(default_factory=list)
+    requantized_layers: int = 0  # quantized layers averaged and requantized
+    bytes_fetched: int = 0  # from object storage (0 for local inputs)
+    requests: int = 0  # requests made to object storage
 
     def to_json(self) -> dict:
         """A JSON-ready dict; the schema is documented in the README and kept stable."""
@@ -116,12 +121,10 @@ def plan_combine(
 ) -> CombinePlan:
     """Order the files (oldest first) and weight them; reads no file contents.
 
+    Names may be URLs; quoted globs are expanded (see `wavg.locations.expand_inputs`).
     Custom `weights` are in the final order, oldest first, after `last` is applied.
     """
-    for path in paths:
-        if not os.path.lexists(path):
-            raise CheckpointError(path, "no such file")
-    ordered = order_checkpoints(paths, order, last)
+    ordered = order_checkpoints(expand_inputs(paths), order, last)
     if weights is not None:
         scheme = "custom"
     raw = raw_weights(len(ordered), "equal" if weights is not None else scheme, alpha, weights)
@@ -150,6 +153,7 @@ def combine(
     drop_optimizer: bool = False,
     dry_run: bool = False,
     progress: Progress | None = None,
+    quantized: str = "refuse",
 ) -> CombineSummary:
     """Average checkpoint files into `out` and return a summary.
 
@@ -157,6 +161,10 @@ def combine(
     non-float tensors and optimizer state; every float model weight is the weighted mean of
     all files. `out` is replaced atomically and never left partial. Raises a `WavgError`
     subclass for every problem with the request, the inputs or the output.
+
+    Quantized layers (``model.quantize``) are refused unless `quantized` is
+    ``"requantize"``: then int8/int4 kernels are dequantized, averaged and quantized again
+    exactly as Keras would (see `wavg.quantized_combine`).
 
     >>> combine(["model_498.h5", "model_499.h5"], "avg.h5", scheme="exp", alpha=2)  # doctest: +SKIP
     """
@@ -168,6 +176,7 @@ def combine(
         drop_optimizer=drop_optimizer,
         dry_run=dry_run,
         progress=progress,
+        quantized=quantized,
     )
 
 
@@ -181,6 +190,7 @@ def run_plan(
     progress: Progress | None = None,
     on_ready: Callable[[CombineSummary], None] | None = None,
     block_items: int = BLOCK_ITEMS,
+    quantized: str = "refuse",
 ) -> CombineSummary:
     """Carry out a `CombinePlan` (see `combine`).
 
@@ -188,49 +198,58 @@ def run_plan(
     written (the CLI prints its plan table there, so a bad input prints only its error).
     """
     started = time.perf_counter()
-    out_path = Path(out)
-    _refuse_output_among_inputs(out_path, plan.inputs)
-    check_output_dir(out_path)
+    out_location = as_location(out)
+    check_policy(quantized)
+    _refuse_output_among_inputs(out_location, plan.inputs)
     opened: dict[int, Checkpoint] = {}
-    try:
-        _open_inputs(plan.inputs, opened)
-        inputs = [opened[i] for i in range(len(plan.inputs))]
-        newest = inputs[-1]
-        _check_compatible(inputs, out_path)
-        averaged = [t for t in newest.tensors.values() if t.averaged]
-        summary = CombineSummary(
-            inputs=list(plan.inputs),
-            epochs=list(plan.epochs),
-            weights=list(plan.weights),
-            scheme=plan.scheme,
-            alpha=plan.alpha,
-            output=out_path,
-            format=newest.layout.name,
-            tensors=len(averaged),
-            copied_tensors=len(newest.tensors) - len(averaged),
-            bytes_read=0,
-            bytes_written=0,
-            seconds=0.0,
-            dry_run=dry_run,
-            dropped_optimizer=drop_optimizer,
-        )
-        summary.warnings.extend(_copied_weight_warnings(newest))
-        if on_ready is not None:
-            on_ready(summary)
-        if not dry_run:
-            _write_average(
-                inputs,
-                plan.raw_weights,
-                out_path,
-                summary,
-                allow_nonfinite,
-                drop_optimizer,
-                progress,
-                block_items,
+    with staged_output(out_location) as out_path:
+        check_output_dir(out_path)
+        try:
+            _open_inputs(plan.inputs, opened)
+            inputs = [opened[i] for i in range(len(plan.inputs))]
+            newest = inputs[-1]
+            requantizer = plan_quantized(inputs, plan.raw_weights, quantized, block_items)
+            _check_compatible(inputs, out_path)
+            if requantizer is not None:
+                mark_written(newest, requantizer)
+            averaged = [t for t in newest.tensors.values() if t.averaged]
+            summary = CombineSummary(
+                inputs=list(plan.inputs),
+                epochs=list(plan.epochs),
+                weights=list(plan.weights),
+                scheme=plan.scheme,
+                alpha=plan.alpha,
+                output=out_location,
+                format=newest.layout.name,
+                tensors=len(averaged),
+                copied_tensors=len(newest.tensors) - len(averaged),
+                bytes_read=0,
+                bytes_written=0,
+                seconds=0.0,
+                dry_run=dry_run,
+                dropped_optimizer=drop_optimizer,
+                requantized_layers=requantizer.layers if requantizer is not None else 0,
             )
-    finally:
-        for ckpt in opened.values():
-            ckpt.close()
+            summary.warnings.extend(_copied_weight_warnings(newest))
+            if on_ready is not None:
+                on_ready(summary)
+            if not dry_run:
+                _write_average(
+                    inputs,
+                    plan.raw_weights,
+                    out_path,
+                    summary,
+                    allow_nonfinite,
+                    drop_optimizer,
+                    progress,
+                    block_items,
+                    requantizer,
+                )
+        finally:
+            for ckpt in opened.values():
+                ckpt.close()
+        summary.bytes_fetched = sum(c.file.bytes_fetched for c in opened.values())
+        summary.requests = sum(c.file.requests for c in opened.values())
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -242,7 +261,7 @@ def _open_inputs(paths: list[Path], opened: dict[int, Checkpoint]) -> None:
     newest = len(paths) - 1
 
     def open_one(i: int) -> None:
-        ckpt = open_checkpoint(os.fspath(paths[i]), like=opened.get(newest))
+        ckpt = open_checkpoint(paths[i], like=opened.get(newest))
         opened[i] = ckpt
         ckpt.trim()
         if not keep_open:
@@ -298,23 +317,18 @@ def _descriptor_budget() -> int:
     return max(1, min(MAX_OPEN_INPUTS, (soft - 64) // 2))
 
 
-def _refuse_output_among_inputs(out: Path, inputs: list[Path]) -> None:
+def _refuse_output_among_inputs(out: Location, inputs: list[Location]) -> None:
     """Refuse an output that is one of the inputs, also through a symlink or a hard link."""
-    try:
-        out_stat = out.stat()
-    except OSError:
-        out_stat = None
-    seen: dict[tuple[int, int], Path] = {}
+    out_key = identity_key(out)
+    seen: dict[object, Location] = {}
     for path in inputs:
-        try:
-            st = path.stat()
-        except OSError:
+        key = identity_key(path)
+        if key is None:
             continue  # opening it reports the problem, naming the file
-        key = (st.st_dev, st.st_ino)
         if key in seen:
             raise UsageError(f"{seen[key]} and {path} are the same file; give each checkpoint once")
         seen[key] = path
-        if out_stat is not None and key == (out_stat.st_dev, out_stat.st_ino):
+        if out_key is not None and key == out_key:
             raise UsageError(f"output {out} is the input {path}; inputs are never overwritten")
 
 
@@ -371,6 +385,7 @@ def _write_average(
     drop_optimizer: bool,
     progress: Progress | None,
     block_items: int,
+    requantizer: Requantizer | None = None,
 ) -> None:
     newest = inputs[-1]
     layout = newest.layout
@@ -381,11 +396,13 @@ def _write_average(
 
     try:
         with newest.output(out, keep if drop_optimizer else None) as writer:
+            for ckpt, _ in averager.members:
+                ckpt.will_read(writer.order, len(averager.members))
             tensors = [newest.tensors[name] for name in writer.order]
             total = sum(t.nbytes for t in tensors) * len(averager.members)
             done = 0
-            units = plan_units(newest, tensors, block_items)
-            for tensor, start, data in averager.blocks(units):
+            units = _ordered_blocks(averager, requantizer, tensors, newest, block_items)
+            for tensor, start, data in units:
                 writer.write(tensor, start, data)
                 done += data.nbytes * len(averager.members)
                 if progress is not None:
@@ -470,6 +487,29 @@ def plan_units(newest: Checkpoint, tensors: list[Tensor], block_items: int) -> I
             yield Unit((tensor,), start, count, slices)
     if batch:
         yield Unit(tuple(batch), 0, items, None)
+
+
+def _ordered_blocks(
+    averager: BlockAverager,
+    requantizer: Requantizer | None,
+    tensors: list[Tensor],
+    newest: Checkpoint,
+    block_items: int,
+) -> Iterator[tuple[Tensor, int, np.ndarray]]:
+    """Every block in file order: a requantized layer's tensors from the requantizer, the
+    runs of other tensors between them from the averager (in units, see `plan_units`)."""
+    if requantizer is None:
+        yield from averager.blocks(plan_units(newest, tensors, block_items))
+        return
+    run: list[Tensor] = []
+    for tensor in tensors:
+        if requantizer.owns(tensor.name):
+            yield from averager.blocks(plan_units(newest, run, block_items))
+            run = []
+            yield from requantizer.blocks(tensor)
+        else:
+            run.append(tensor)
+    yield from averager.blocks(plan_units(newest, run, block_items))
 
 
 class BlockAverager:

@@ -17,8 +17,14 @@ import numpy as np
 from wavg.errors import WavgError
 
 BLOBS = "blobs"
+DIGITS = "digits"
+BUILT_IN = (BLOBS, DIGITS)
 ARRAYS = ("x_train", "y_train", "x_test", "y_test")
 _CASE_STUDY_TRAIN = 100  # the first 100 of 1100 samples train; the other 1000 test
+_BLOBS_ARGS = {"n_samples": 1100, "centers": 3, "n_features": 2, "cluster_std": 2}
+_BLOBS_SEED = 2
+VALIDATION_SAMPLES = 1000
+_VALIDATION_SEED = 20221  # any seed but the case study's; fixed so the split never moves
 
 
 class DataError(WavgError):
@@ -48,17 +54,77 @@ def blobs() -> Dataset:
     """
     from sklearn.datasets import make_blobs
 
-    x, labels = make_blobs(n_samples=1100, centers=3, n_features=2, cluster_std=2, random_state=2)
+    x, labels = make_blobs(**_BLOBS_ARGS, random_state=_BLOBS_SEED)
     x = x.astype(np.float32)
     y = np.eye(3, dtype=np.float32)[labels]
     n = _CASE_STUDY_TRAIN
     return Dataset(BLOBS, x[:n], y[:n], x[n:], y[n:])
 
 
+def blobs_validation() -> Dataset:
+    """A held-out validation set for the case study, disjoint from its 1000 test points.
+
+    1000 fresh points drawn from the same three Gaussians (the case study's centers, standard
+    deviation 2) with another fixed seed, so choosing on them (``wavg soup``) never looks at
+    the test points ``evaluate`` reports. Its test arrays are the validation points; its
+    train arrays are the case study's 100 training points (for ``--bn-data``).
+    """
+    from sklearn.datasets import make_blobs
+
+    args = dict(_BLOBS_ARGS, n_samples=VALIDATION_SAMPLES)
+    _, _, centers = make_blobs(**_BLOBS_ARGS, random_state=_BLOBS_SEED, return_centers=True)
+    args["centers"] = centers
+    x, labels = make_blobs(**args, random_state=_VALIDATION_SEED)
+    train = blobs()
+    y = np.eye(3, dtype=np.float32)[labels]
+    return Dataset(f"{BLOBS} (validation)", train.x_train, train.y_train, x.astype(np.float32), y)
+
+
+def load_validation(spec: str | os.PathLike[str] | None = None) -> Dataset:
+    """The held-out data a soup is chosen on: ``"blobs"`` and ``"digits"`` give their
+    validation splits; a file's ``x_test, y_test`` are its held-out split (it must not be the
+    file evaluate reports on)."""
+    if spec is None or os.fspath(spec) == BLOBS:
+        return blobs_validation()
+    if os.fspath(spec) == DIGITS:
+        return digits(validation=True)
+    return load_npz(spec)
+
+
+def same_data_file(a: str | os.PathLike[str] | None, b: str | os.PathLike[str] | None) -> bool:
+    """Whether two data specs name the same file (built-in data never counts: its splits are
+    disjoint by construction)."""
+    if a is None or b is None or {os.fspath(a), os.fspath(b)} & set(BUILT_IN):
+        return False
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
+def digits(validation: bool = False) -> Dataset:
+    """scikit-learn's bundled 8x8 digits (1797 images, 10 classes), pixels scaled to [0, 1].
+
+    Fixed split in file order: 1000 train, 397 validation (``validation=True`` puts them in
+    the test arrays, for ``wavg soup``), 400 test.
+    """
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = (bunch.images[..., None] / 16.0).astype(np.float32)
+    y = np.eye(10, dtype=np.float32)[bunch.target]
+    held = slice(1000, 1397) if validation else slice(1397, None)
+    name = f"{DIGITS} (validation)" if validation else DIGITS
+    return Dataset(name, x[:1000], y[:1000], x[held], y[held])
+
+
 def load_data(spec: str | os.PathLike[str] | None = None) -> Dataset:
-    """``None`` or ``"blobs"`` gives the case study; anything else is read as an ``.npz`` file."""
+    """``None`` or ``"blobs"`` gives the case study, ``"digits"`` scikit-learn's digits;
+    anything else is read as an ``.npz`` file."""
     if spec is None or os.fspath(spec) == BLOBS:
         return blobs()
+    if os.fspath(spec) == DIGITS:
+        return digits()
     return load_npz(spec)
 
 
@@ -102,6 +168,11 @@ def check_fits_model(data: Dataset, input_shape: object, output_shape: object) -
     _check_shape(data, "x", data.x_test.shape[1:], input_shape, "input")
     if data.y_test.ndim > 1:
         _check_shape(data, "y", data.y_test.shape[1:], output_shape, "output")
+
+
+def check_inputs_fit(data: Dataset, input_shape: object) -> None:
+    """Check that one training sample of x fits the model's input (for passes over x_train)."""
+    _check_shape(data, "x_train", data.x_train.shape[1:], input_shape, "input")
 
 
 def _check_shape(

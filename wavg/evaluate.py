@@ -6,6 +6,10 @@ For n = 1 ... N it scores, on the test split, with the model's own compiled loss
 - one column per weighting (``equal``, ``linear``, ``exp``, and ``exp(a=...)`` for each extra
   decay rate): the weight average of the n newest, made by `wavg.combine` into a temporary
   directory and loaded back, exactly as a user would;
+- ``<average>+bn`` (with ``bn_data``): each average after `wavg.bn_update` recomputed its
+  BatchNorm statistics;
+- ``greedy``: the greedy soup of the n newest (`wavg.soup`), chosen on held-out data, never
+  on the data the table reports;
 - ``ensemble``: the mean of the n newest checkpoints' predictions (output averaging, which
   needs all n models at prediction time).
 
@@ -37,16 +41,22 @@ from typing import Any
 
 import numpy as np
 
+from wavg.checkpoint import local_copies
 from wavg.combine import combine as wavg_combine
-from wavg.data import Dataset, check_fits_model, load_data
+from wavg.data import BLOBS, BUILT_IN, Dataset, load_data, load_validation, same_data_file
 from wavg.errors import CheckpointError, UsageError
+from wavg.locations import expand_inputs
+from wavg.model_loading import is_weights_only
 from wavg.onerun import JUMP_LIMIT, SPREAD_LIMIT, not_one_run
 from wavg.ordering import epoch_numbers, order_checkpoints
 from wavg.schemes import DEFAULT_ALPHA, SCHEMES
+from wavg.scoring import Scorer, compiled_model_for, higher_is_better, suffix_of
+from wavg.soup import Prepare, SubsetScores, bn_preparer, rank
+from wavg.soup import greedy as greedy_soup
 
 SCHEMA = "wavg.evaluate/1"
-SINGLE, ENSEMBLE = "single", "ensemble"
-_HIGHER_IS_BETTER = ("acc", "auc", "precision", "recall", "f1", "iou", "r2")
+SINGLE, ENSEMBLE, GREEDY = "single", "ensemble", "greedy"
+BN_SUFFIX = "+bn"
 
 Progress = Callable[[int, int], None]
 
@@ -147,11 +157,6 @@ class EvaluationResult:
         return out.getvalue()
 
 
-def higher_is_better(metric: str) -> bool:
-    """Accuracy-like metrics are maximised; losses and errors (mae, mse, ...) minimised."""
-    return any(word in metric.lower() for word in _HIGHER_IS_BETTER)
-
-
 def averages_for(
     schemes: Sequence[str] = SCHEMES,
     alpha: float = DEFAULT_ALPHA,
@@ -191,66 +196,152 @@ def evaluate(
     max_n: int | None = None,
     *,
     ensemble: bool = True,
+    greedy: bool = True,
+    soup_data: str | os.PathLike[str] | Dataset | None = None,
+    bn_data: str | os.PathLike[str] | Dataset | None = None,
+    batch_size: int = 32,
     model: str | os.PathLike[str] | None = None,
     custom_objects: str | None = None,
     trust: bool = False,
     order: str = "natural",
     progress: Progress | None = None,
 ) -> EvaluationResult:
-    """Score single checkpoints, weight averages and the output ensemble for n = 1 ... N.
+    """Score single checkpoints, weight averages, the greedy soup and the output ensemble for
+    n = 1 ... N.
 
     `paths` are ordered as `wavg.combine` orders them (by the epoch in the name, newest last);
     N is `max_n` or the number of files. `data` is ``"blobs"`` (default), an ``.npz`` path or a
     `Dataset`. Weights-only files need `model` (a ``.keras`` model) for the architecture.
+
+    ``greedy`` is the greedy soup of the n newest (`wavg.soup`), chosen on `soup_data` (an
+    ``.npz`` whose ``x_test, y_test`` are held out, never `data` itself; with the built-in
+    data and no `soup_data`, the blobs validation split) and scored like every column; without
+    held-out data the column is left out. With `bn_data`, each average column gets a twin
+    ``<name>+bn``: the same average after `wavg.bn_update` on `bn_data`'s ``x_train``.
     `progress(done, total)` is called as the work advances.
     """
-    from wavg.model_loading import is_weights_only
-
-    ordered = order_checkpoints(paths, order=order)
+    ordered = order_checkpoints(expand_inputs(paths), order=order)
     count = max_n if max_n is not None else len(ordered)
     if not 1 <= count <= len(ordered):
         raise UsageError(f"--max-n must be between 1 and {len(ordered)} (the files given)")
-    members = ordered[-count:]
+    shown = ordered[-count:]
     columns = averages_for(schemes, alpha, alphas)
-    if model is None and is_weights_only(members[-1]):
-        raise CheckpointError(
-            members[-1],
-            "is a weights-only file and holds no architecture; pass --model FILE.keras "
-            "with the model it was saved from",
-        )
+    held_out = _held_out(data, soup_data) if greedy else None
     dataset = data if isinstance(data, Dataset) else load_data(data)
     with tempfile.TemporaryDirectory(prefix="wavg-evaluate-") as tmp:
+        scratch = Path(tmp)
+        # Keras loads files: checkpoints in object storage are downloaded first.
+        members = local_copies(shown, scratch / "inputs")
+        if model is None and is_weights_only(members[-1]):
+            raise CheckpointError(
+                shown[-1],
+                "is a weights-only file and holds no architecture; pass --model FILE.keras "
+                "with the model it was saved from",
+            )
         # combine's checks (self-contained files, the same tensors in each) run before Keras
         # reads anything: a file that cannot be averaged fails here with combine's message.
-        check = Path(tmp) / f"check{_suffix(members[-1])}"
+        check = scratch / f"check{suffix_of(members[-1])}"
         wavg_combine(members, check, order="given", dry_run=True)
-        scorer = _scorer_for(members, dataset, model, custom_objects, trust)
-        steps = _Steps(progress, count * (1 + len(columns)))
+        net = compiled_model_for(members, dataset, model, custom_objects, trust)
+        scorer = Scorer(net, dataset.x_test, dataset.y_test)
+        prepare = None
+        if bn_data is not None:
+            prepare, _ = bn_preparer(net, members[-1], bn_data, batch_size)
+        twins = list(columns) if bn_data is not None else []
+        steps = _Steps(progress, count * (1 + len(columns) + len(twins) + (held_out is not None)))
         predictions, vectors = [], []
         for path in members:
             predictions.append(scorer.predict_file(path))
             vectors.append(scorer.weight_vector())
             steps.advance()
-        names = [SINGLE, *(c.name for c in columns)] + ([ENSEMBLE] if ensemble else [])
+        names = [SINGLE, *(c.name for c in columns), *(f"{c.name}{BN_SUFFIX}" for c in twins)]
+        names += [GREEDY] if held_out is not None else []
+        names += [ENSEMBLE] if ensemble else []
+        soups = _GreedySoups(net, members, held_out, scorer, scratch) if held_out else None
         scores: list[dict[str, dict[str, float]]] = [{} for _ in range(count)]
         for n in range(1, count + 1):
-            scores[n - 1][SINGLE] = scorer.score(predictions[-n])
+            row = scores[n - 1]
+            row[SINGLE] = scorer.score(predictions[-n])
             for column in columns:
-                averaged = _average(members[-n:], column, Path(tmp), n)
-                scores[n - 1][column.name] = scorer.score(scorer.predict_file(averaged))
+                averaged = _average(members[-n:], column, scratch, n)
+                row[column.name] = scorer.score(scorer.predict_file(averaged))
+                steps.advance()
+                if column in twins:
+                    row[f"{column.name}{BN_SUFFIX}"] = _bn_scores(
+                        scorer, prepare, averaged, scratch
+                    )
+                    steps.advance()
                 averaged.unlink()
+            if soups is not None:
+                row[GREEDY] = soups.scores(n)
                 steps.advance()
             if ensemble:
-                scores[n - 1][ENSEMBLE] = scorer.score(np.mean(predictions[-n:], axis=0))
+                row[ENSEMBLE] = scorer.score(np.mean(predictions[-n:], axis=0))
     return EvaluationResult(
-        checkpoints=members,
-        epochs=epoch_numbers(members),
+        checkpoints=shown,
+        epochs=epoch_numbers(shown),
         data=dataset.name,
         metrics=scorer.metric_names,
         columns=names,
         scores=scores,
-        warnings=one_run_warnings(vectors, members),
+        warnings=one_run_warnings(vectors, shown),
     )
+
+
+def _held_out(
+    data: str | os.PathLike[str] | Dataset | None,
+    soup_data: str | os.PathLike[str] | Dataset | None,
+) -> Dataset | None:
+    """The data the greedy column chooses on: `soup_data`, or the blobs validation split when
+    the table reports on the built-in data; never the data the table reports on."""
+    if soup_data is None:
+        if data is None:
+            return load_validation(BLOBS)
+        builtin = not isinstance(data, Dataset) and os.fspath(data) in BUILT_IN
+        return load_validation(data) if builtin else None
+    if isinstance(soup_data, Dataset):
+        return soup_data
+    if not isinstance(data, Dataset) and same_data_file(data, soup_data):
+        raise UsageError(
+            f"--soup-data {soup_data} is also --data: the soup must be chosen on held-out "
+            "data, not on the data the table reports on; give a separate file"
+        )
+    return load_validation(soup_data)
+
+
+def _bn_scores(
+    scorer: Scorer, prepare: Prepare | None, averaged: Path, scratch: Path
+) -> dict[str, float]:
+    """The scores of `averaged` after recalibration (as they are when there is no BN)."""
+    if prepare is None:
+        return scorer.score(scorer.predict_file(averaged))
+    ready = prepare(averaged, scratch)
+    try:
+        return scorer.score(scorer.predict_file(ready))
+    finally:
+        ready.unlink()
+
+
+class _GreedySoups:
+    """The greedy soup of the n newest members, chosen on held-out data, scored on the test
+    split; averages shared between rows are made and scored once."""
+
+    def __init__(
+        self, net: object, members: list[Path], held_out: Dataset, test: Scorer, scratch: Path
+    ) -> None:
+        validation = Scorer(net, held_out.x_test, held_out.y_test)
+        self.metric = validation.primary_metric
+        self.higher = higher_is_better(self.metric)
+        self.choose = SubsetScores(members, validation, self.metric, scratch)
+        self.report = SubsetScores(members, test, self.metric, scratch)
+        self.count = len(members)
+
+    def scores(self, n: int) -> dict[str, float]:
+        newest = range(self.count - n, self.count)
+        singles = [self.choose.score(frozenset([i])) for i in newest]
+        ranked = [newest[i] for i in rank(singles, self.higher)]
+        kept, _ = greedy_soup(ranked, self.choose.score, self.higher)
+        return self.report.scores(frozenset(kept))
 
 
 def one_run_warnings(vectors: Sequence[np.ndarray], paths: Sequence[Path]) -> list[str]:
@@ -278,70 +369,6 @@ def one_run_warnings(vectors: Sequence[np.ndarray], paths: Sequence[Path]) -> li
     return found
 
 
-def _scorer_for(
-    members: Sequence[Path],
-    dataset: Dataset,
-    model: str | os.PathLike[str] | None,
-    custom_objects: str | None,
-    trust: bool,
-) -> _Scorer:
-    """Check every member's config, load the architecture once and check the data fits it."""
-    from wavg.model_loading import (
-        allowed_names,
-        check_config,
-        custom_objects_from,
-        import_keras,
-        is_weights_only,
-        load_model,
-    )
-
-    import_keras()
-    allowed = allowed_names(custom_objects_from(custom_objects))
-    for path in members:
-        if not is_weights_only(path):
-            check_config(path, trust=trust, allowed=allowed)
-    source = model or members[-1]
-    net = load_model(source, trust=trust, custom_objects=custom_objects)
-    if not getattr(net, "compiled", False) or getattr(net, "loss", None) is None:
-        raise CheckpointError(
-            source,
-            "the model was saved without a compiled loss; evaluate scores with the model's "
-            "own loss and metrics, so save it after compile()",
-        )
-    check_fits_model(dataset, net.input_shape, net.output_shape)
-    return _Scorer(net, dataset)
-
-
-class _Scorer:
-    """One compiled model, reused: load weights from a file, predict, score predictions."""
-
-    def __init__(self, net: Any, dataset: Dataset) -> None:
-        self.net = net
-        self.x, self.y = dataset.x_test, dataset.y_test
-        self.metric_names = list(self.score(self.predict()).keys())
-
-    def predict_file(self, path: Path) -> np.ndarray:
-        from wavg.model_loading import load_weights
-
-        load_weights(self.net, path)
-        return self.predict()
-
-    def predict(self) -> np.ndarray:
-        return np.asarray(self.net.predict(self.x, batch_size=1024, verbose=0))
-
-    def weight_vector(self) -> np.ndarray:
-        return np.concatenate([np.ravel(w).astype(np.float64) for w in self.net.get_weights()])
-
-    def score(self, y_pred: np.ndarray) -> dict[str, float]:
-        """The compiled loss and metrics of predictions, as ``model.evaluate`` reports them."""
-        self.net.reset_metrics()
-        loss = float(self.net.compute_loss(x=self.x, y=self.y, y_pred=y_pred, training=False))
-        results = self.net.compute_metrics(self.x, self.y, y_pred, sample_weight=None)
-        scores = {"loss": loss}
-        scores.update({k: float(v) for k, v in results.items() if k != "loss"})
-        return scores
-
-
 class _Steps:
     def __init__(self, report: Progress | None, total: int) -> None:
         self.report, self.total, self.done = report, total, 0
@@ -353,14 +380,6 @@ class _Steps:
 
 
 def _average(members: Sequence[Path], column: Average, tmp: Path, n: int) -> Path:
-    out = tmp / f"{column.scheme}-{column.alpha:g}-{n}{_suffix(members[-1])}"
+    out = tmp / f"{column.scheme}-{column.alpha:g}-{n}{suffix_of(members[-1])}"
     wavg_combine(members, out, scheme=column.scheme, alpha=column.alpha, order="given")
     return out
-
-
-def _suffix(path: Path) -> str:
-    name = path.name.lower()
-    for suffix in (".weights.h5", ".keras", ".hdf5", ".h5"):
-        if name.endswith(suffix):
-            return suffix
-    return path.suffix

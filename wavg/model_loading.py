@@ -141,11 +141,28 @@ def unsafe_references(config: Any, allowed: frozenset[str] = frozenset()) -> lis
 def check_self_contained(path: str | os.PathLike[str]) -> None:
     """Run `wavg.combine`'s reader over the file (a dry run, nothing written): it refuses
     HDF5 links and datasets that point outside the file, zip entries that escape the archive,
-    and size bombs, before Keras reads a byte of it."""
+    size bombs and quantized layers, before Keras reads a byte of it."""
     from wavg.combine import combine
 
     with tempfile.TemporaryDirectory(prefix="wavg-check-") as tmp:
         combine([path], Path(tmp) / Path(path).name, order="given", dry_run=True)
+
+
+def refuse_quantized(path: str | os.PathLike[str]) -> None:
+    """Raise `QuantizedCheckpoint` if the file holds quantized layers (``model.quantize``).
+
+    Every Keras-side command (evaluate, bn-update, soup) averages with `wavg.combine`, which
+    refuses them; this says so before Keras loads anything. `check_self_contained` runs it
+    too (through combine's dry run), so `load_model` refuses them; `load_weights` calls it.
+    """
+    from wavg.checkpoint import open_checkpoint
+    from wavg.checkpoint.quantized import refuse_quantized as refuse
+
+    ckpt = open_checkpoint(os.fspath(path))
+    try:
+        refuse(ckpt)
+    finally:
+        ckpt.close()
 
 
 def check_config(
@@ -226,7 +243,9 @@ def load_model(
 
 
 def load_weights(model: Any, path: str | os.PathLike[str]) -> None:
-    """Load one checkpoint's weights into `model`, refusing files whose layout differs."""
+    """Load one checkpoint's weights into `model`, refusing files whose layout differs and
+    quantized files (see `refuse_quantized`)."""
+    refuse_quantized(path)
     try:
         with keras_logs_quiet():
             model.load_weights(os.fspath(path))

@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
-from pathlib import Path
 
 from wavg.errors import UsageError
+from wavg.locations import Location, Url, as_location
 
 ORDERS = ("natural", "given")
 _NUMBER = re.compile(r"(\d+)")
@@ -25,21 +25,22 @@ def natural_key(text: str) -> tuple[str | int, ...]:
     return tuple(int(part) if i % 2 else part for i, part in enumerate(parts))
 
 
-def stem(path: str | os.PathLike[str]) -> str:
+def stem(path: str | os.PathLike[str] | Url) -> str:
     """The file name without a checkpoint suffix (``model_7.weights.h5`` -> ``model_7``)."""
-    name = os.path.basename(os.fspath(path))
+    name = path.name if isinstance(path, Url) else os.path.basename(os.fspath(path))
     for suffix in _SUFFIXES:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
 
 
-def _bare(path: str | os.PathLike[str]) -> str:
+def _bare(path: str | os.PathLike[str] | Url) -> str:
     """The path without its checkpoint suffix, so the 5 of ``.h5`` is never an epoch."""
-    return os.path.join(os.path.dirname(os.fspath(path)), stem(path))
+    folder = str(path.parent) if isinstance(path, Url) else os.path.dirname(os.fspath(path))
+    return os.path.join(folder, stem(path))
 
 
-def epoch_numbers(paths: Sequence[str | os.PathLike[str]]) -> list[int | None]:
+def epoch_numbers(paths: Sequence[str | os.PathLike[str] | Url]) -> list[int | None]:
     """The epoch of each file as read from its name, or None where the name has no number.
 
     The epoch is the first number whose value differs between the names; for a single file
@@ -58,10 +59,10 @@ def epoch_numbers(paths: Sequence[str | os.PathLike[str]]) -> list[int | None]:
 
 
 def order_checkpoints(
-    paths: Sequence[str | os.PathLike[str]],
+    paths: Sequence[str | os.PathLike[str] | Url],
     order: str = "natural",
     last: int | None = None,
-) -> list[Path]:
+) -> list[Location]:
     """Return `paths` oldest first, newest last, keeping only the `last` newest if given.
 
     ``order="given"`` keeps the caller's order. ``"natural"`` sorts by the numbers in the
@@ -72,7 +73,7 @@ def order_checkpoints(
         raise UsageError("no checkpoints given")
     if order not in ORDERS:
         raise UsageError(f"unknown order {order!r}; choose one of {', '.join(ORDERS)}")
-    ordered = [Path(p) for p in paths]
+    ordered = [as_location(p) for p in paths]
     if order == "natural":
         ordered = _natural_order(ordered)
     if last is not None:
@@ -86,7 +87,7 @@ def order_checkpoints(
     return ordered
 
 
-def _natural_order(paths: list[Path]) -> list[Path]:
+def _natural_order(paths: list[Location]) -> list[Location]:
     for path in paths:
         if not _NUMBER.search(_bare(path)):
             raise UsageError(

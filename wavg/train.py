@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wavg.data import Dataset, check_fits_model, load_data
+from wavg.data import DIGITS, Dataset, check_fits_model, load_data
 from wavg.errors import OutputError, UsageError
 from wavg.model_loading import import_keras, load_model
 
@@ -50,17 +50,19 @@ def train_save(
     custom_objects: str | None = None,
     trust: bool = False,
     batch_size: int = BATCH_SIZE,
+    learning_rate: float | None = None,
     on_epoch: EpochCallback | None = None,
 ) -> TrainResult:
     """Train for `epochs` and save the model after each of the last `keep` into `out_dir`.
 
     `optimizer` is ``adam`` (default) or ``sgd`` (lr 0.01, momentum 0.9) for the built-in MLP;
+    `learning_rate` replaces the built-in optimizer's constant rate (Adam 0.001, SGD 0.01);
     a `model` file (a compiled ``.keras``/``.h5``, loaded with the safety checks of
     `wavg.model_loading`) trains with the optimizer it was compiled with. The same `seed` gives
     bit-identical checkpoints (it also turns on TensorFlow's op determinism for the process).
     `on_epoch(done, total, logs)` is called after every epoch, for progress display.
     """
-    _check_options(epochs, keep, optimizer, fmt, model, batch_size)
+    _check_options(epochs, keep, optimizer, fmt, model, batch_size, learning_rate)
     out = _prepare_out_dir(out_dir)
     dataset = load_data(data)
     keras = import_keras()
@@ -71,7 +73,7 @@ def train_save(
         import tensorflow as tf
 
         tf.config.experimental.enable_op_determinism()
-    net = _model(keras, dataset, optimizer, model, custom_objects, trust)
+    net = _model(keras, dataset, optimizer, model, custom_objects, trust, learning_rate)
     check_fits_model(dataset, net.input_shape, net.output_shape)
     keeper = KeepLastEpochs(out, keep=keep, total_epochs=epochs, fmt=fmt)
     callbacks: list[Any] = [keeper]
@@ -97,8 +99,13 @@ def train_save(
     )
 
 
-def case_study_model(keras: Any, optimizer: str = "adam") -> Any:
-    """The tutorial's MLP, compiled with categorical cross-entropy and accuracy."""
+def case_study_model(
+    keras: Any, optimizer: str = "adam", learning_rate: float | None = None
+) -> Any:
+    """The tutorial's MLP, compiled with categorical cross-entropy and accuracy.
+
+    The learning rate is constant: Adam 0.001 and SGD 0.01 (momentum 0.9) unless given.
+    """
     # Fixed names: otherwise Keras numbers layers per process (dense, dense_2, ...) and two
     # runs in one process would store their tensors under different names.
     net = keras.Sequential(
@@ -109,13 +116,42 @@ def case_study_model(keras: Any, optimizer: str = "adam") -> Any:
         ],
         name="case_study",
     )
-    opt = (
-        keras.optimizers.SGD(learning_rate=0.01, momentum=0.9, name="sgd")
-        if optimizer == "sgd"
-        else keras.optimizers.Adam(name="adam")
+    net.compile(
+        loss="categorical_crossentropy",
+        optimizer=_optimizer(keras, optimizer, learning_rate),
+        metrics=["accuracy"],
     )
-    net.compile(loss="categorical_crossentropy", optimizer=opt, metrics=["accuracy"])
     return net
+
+
+def digits_model(keras: Any, optimizer: str = "adam", learning_rate: float | None = None) -> Any:
+    """A small Conv+BatchNorm net for the built-in digits data (the bn-update demo)."""
+    net = keras.Sequential(
+        [
+            keras.Input(shape=(8, 8, 1), name="image"),
+            keras.layers.Conv2D(16, 3, name="conv1"),
+            keras.layers.BatchNormalization(name="bn1"),
+            keras.layers.Activation("relu", name="relu1"),
+            keras.layers.Conv2D(32, 3, name="conv2"),
+            keras.layers.BatchNormalization(name="bn2"),
+            keras.layers.Activation("relu", name="relu2"),
+            keras.layers.GlobalAveragePooling2D(name="pool"),
+            keras.layers.Dense(10, activation="softmax", name="classes"),
+        ],
+        name="digits_convbn",
+    )
+    net.compile(
+        loss="categorical_crossentropy",
+        optimizer=_optimizer(keras, optimizer, learning_rate),
+        metrics=["accuracy"],
+    )
+    return net
+
+
+def _optimizer(keras: Any, optimizer: str, learning_rate: float | None) -> Any:
+    if optimizer == "sgd":
+        return keras.optimizers.SGD(learning_rate=learning_rate or 0.01, momentum=0.9, name="sgd")
+    return keras.optimizers.Adam(learning_rate=learning_rate or 0.001, name="adam")
 
 
 def _model(
@@ -125,7 +161,10 @@ def _model(
     model: str | os.PathLike[str] | None,
     custom_objects: str | None,
     trust: bool,
+    learning_rate: float | None = None,
 ) -> Any:
+    if model is None and dataset.name == DIGITS:
+        return digits_model(keras, optimizer or "adam", learning_rate)
     if model is None:
         if dataset.x_train.shape[1:] != (2,) or dataset.y_train.shape[1:] != (3,):
             raise UsageError(
@@ -133,7 +172,7 @@ def _model(
                 f"has x {dataset.x_train.shape[1:]} and y {dataset.y_train.shape[1:]}, so "
                 "pass --model FILE.keras with a compiled model that fits it"
             )
-        return case_study_model(keras, optimizer or "adam")
+        return case_study_model(keras, optimizer or "adam", learning_rate)
     net = load_model(model, trust=trust, custom_objects=custom_objects, compile=True)
     if getattr(net, "optimizer", None) is None or not getattr(net, "compiled", True):
         raise UsageError(f"{model}: the model is not compiled; compile it before saving it")
@@ -147,6 +186,7 @@ def _check_options(
     fmt: str,
     model: str | os.PathLike[str] | None,
     batch_size: int,
+    learning_rate: float | None = None,
 ) -> None:
     if epochs < 1:
         raise UsageError(f"--epochs must be at least 1, got {epochs}")
@@ -156,6 +196,10 @@ def _check_options(
         raise UsageError(f"batch size must be at least 1, got {batch_size}")
     if optimizer is not None and optimizer not in OPTIMIZERS:
         raise UsageError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if learning_rate is not None and not (0 < learning_rate < float("inf")):
+        raise UsageError(f"--lr must be a positive number, got {learning_rate}")
+    if learning_rate is not None and model is not None:
+        raise UsageError("--lr applies to the built-in model; a --model file keeps its optimizer")
     if optimizer is not None and model is not None:
         raise UsageError(
             "--optimizer applies to the built-in model; a --model file trains with the "

@@ -2,29 +2,89 @@
 
 The format is recognised from the file's bytes, not its name: a zip archive is a ``.keras``
 model, an HDF5 file is a legacy ``.h5`` model, legacy weights or Keras 3 ``.weights.h5``
-(told apart by their layout, see `layouts`).
+(told apart by their layout, see `layouts`). Where the bytes come from (a local file, an
+object in storage) is the byte source's business (`open_source`); formats never ask.
 """
 
 from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
 
 from wavg.checkpoint.base import Checkpoint, Writer
 from wavg.checkpoint.hdf5 import Tensor, iter_blocks
 from wavg.checkpoint.inputfile import InputFile
 from wavg.errors import CheckpointError
+from wavg.locations import Location, Url, as_location
 
-__all__ = ["Checkpoint", "Tensor", "Writer", "iter_blocks", "open_checkpoint"]
+__all__ = [
+    "Checkpoint",
+    "Tensor",
+    "Writer",
+    "iter_blocks",
+    "open_checkpoint",
+    "local_copies",
+    "open_source",
+    "staged_output",
+]
+
+
+def open_source(name: str | os.PathLike[str] | Url) -> InputFile:
+    """The byte source for a checkpoint name: a local `InputFile`, or a `RemoteFile` (same
+    methods) for a URL. Identity is pinned here, at first open."""
+    location = as_location(name)
+    if isinstance(location, Url):
+        from wavg.checkpoint.remote import RemoteFile
+
+        return RemoteFile(location.url)  # type: ignore[return-value]
+    return InputFile(os.fspath(location))
+
+
+def local_copies(locations: list[Location], directory: Path) -> list[Path]:
+    """Local paths for `locations`: local ones as they are, URLs downloaded whole into their
+    own folders under `directory` (for tools that need a file, like Keras' loaders)."""
+    found: list[Path] = []
+    for i, location in enumerate(locations):
+        if isinstance(location, Url):
+            from wavg.checkpoint.remote import download
+
+            folder = directory / str(i)
+            folder.mkdir(parents=True)
+            found.append(download(location.url, folder))
+        else:
+            found.append(location)
+    return found
+
+
+@contextlib.contextmanager
+def staged_output(out: Location) -> Iterator[Path]:
+    """The local path a format commits `out` to: `out` itself when local; for a URL, a path
+    in a private temporary directory whose files are uploaded when the block exits normally
+    (see `remote.staged_upload`)."""
+    if not isinstance(out, Url):
+        yield out
+        return
+    from wavg.checkpoint.remote import staged_upload
+
+    with staged_upload(out.url) as local:
+        yield local
+
 
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _ZIP_SIGNATURE = b"PK\x03\x04"
 
 
-def open_checkpoint(path: str, like: Checkpoint | None = None) -> Checkpoint:
+def open_checkpoint(
+    path: str | os.PathLike[str] | Url, like: Checkpoint | None = None
+) -> Checkpoint:
     """Open `path` read-only and list its tensors; raises `CheckpointError` if it is unusable.
 
     `like`, an open checkpoint likely of the same run (the newest input), lets a format
     verify that this file has its structure instead of walking it afresh.
     """
-    file = InputFile(path)
+    file = open_source(path)
     try:
         kind = _sniff(file)
         if kind == "zip":

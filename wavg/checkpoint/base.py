@@ -28,6 +28,7 @@ from wavg.checkpoint.hdf5 import (
 )
 from wavg.checkpoint.inputfile import InputFile
 from wavg.checkpoint.layouts import Layout
+from wavg.errors import CheckpointError
 
 
 class Writer:
@@ -194,6 +195,11 @@ class Checkpoint:
             if not self.file.keep_open:
                 self._close_h5()
 
+    def model_config(self) -> dict | None:
+        """The stored model config as parsed JSON, or None when the format keeps none
+        (``.weights.h5``) or it is unreadable. Read as data only, never deserialized."""
+        return None
+
     def weights_bytes(self) -> tuple[int, int] | None:
         """``(start, length)`` of the HDF5 weights file inside this input when its bytes can
         serve as the output's as they are (every averaged tensor is raw), else None."""
@@ -220,7 +226,15 @@ class Checkpoint:
         """
         if tensor.offset is not None:
             out = scratch[: count * tensor.storage.itemsize].view(tensor.storage)
-            self.file.readinto(tensor.offset + start * tensor.storage.itemsize, out)
+            view = memoryview(out).cast("B")
+            try:
+                got = self.file.readinto(tensor.offset + start * tensor.storage.itemsize, view)
+            except OSError as exc:
+                raise CheckpointError(
+                    self.path, f"read error in {tensor.name} ({exc.strerror})"
+                ) from None
+            if got != len(view):
+                raise CheckpointError(self.path, f"truncated while reading tensor {tensor.name}")
         else:
             out = self._read_h5(tensor, slices)
         return out.view(tensor.dtype)
@@ -252,11 +266,38 @@ class Checkpoint:
             if tensor.offset is None:
                 slot[:] = self._read_h5(tensor, _whole(tensor)).view(np.uint8)
         for start, buffers in _vectored_runs(raw):
-            self.file.readv(start, buffers)
+            self._readv(start, buffers)
+
+    def _readv(self, offset: int, buffers: list[np.ndarray]) -> None:
+        """Consecutive bytes at `offset` into `buffers`: one vectored read where the byte
+        source has one (a local file), else one `readinto` per buffer."""
+        readv = getattr(self.file, "readv", None)
+        try:
+            if readv is not None:
+                got = readv(offset, buffers)
+            else:
+                got = 0
+                for buffer in buffers:
+                    view = memoryview(buffer).cast("B")
+                    part = self.file.readinto(offset + got, view)
+                    got += part
+                    if part != len(view):
+                        break
+        except OSError as exc:
+            raise CheckpointError(self.path, f"read error ({exc.strerror})") from None
+        if got != sum(b.nbytes for b in buffers):
+            raise CheckpointError(self.path, "truncated while reading tensors")
 
     def _read_h5(self, tensor: Tensor, slices: tuple[slice, ...]) -> np.ndarray:
         with self._h5_lock, self.weights_h5() as h5:  # h5py handles are not shared
             return read_hyperslab(h5[tensor.name], slices, self.path)
+
+    def will_read(self, names: list[str], readers: int = 1) -> None:
+        """Tell the byte source which tensors' raw bytes will be read, in this order, with
+        `readers` inputs read in lockstep (it may fetch ahead; a local file ignores this)."""
+        tensors = [self.tensors[n] for n in names if n in self.tensors]
+        ranges = [(t.offset, t.nbytes) for t in tensors if t.offset is not None]
+        self.file.will_read(ranges, readers)
 
     def trim(self) -> None:
         """Close the h5py handle if raw reads need none (its metadata cache costs memory
@@ -329,5 +370,7 @@ def as_bytes(data: np.ndarray) -> memoryview:
     return memoryview(np.ascontiguousarray(data)).cast("B")
 
 
-def open_hdf5_path(path: str) -> h5py.File:
-    return open_h5(path, path)
+def open_hdf5(file: InputFile) -> h5py.File:
+    """h5py over a whole input, the way its byte source says (a local path, or a file
+    object over its reads)."""
+    return open_h5(file.h5py_source(), file.path)

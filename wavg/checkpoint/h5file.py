@@ -6,13 +6,14 @@ at the temporary path, whose averaged tensors are then filled in place with ``pw
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 
 import h5py
 import numpy as np
 
-from wavg.checkpoint.base import Checkpoint, Writer, as_bytes, open_hdf5_path, pwrite_all
+from wavg.checkpoint.base import Checkpoint, Writer, as_bytes, open_hdf5, pwrite_all
 from wavg.checkpoint.hdf5 import Tensor
 from wavg.checkpoint.inputfile import InputFile
 from wavg.checkpoint.layouts import PLAIN_HDF5, hdf5_layout
@@ -27,7 +28,7 @@ class H5Checkpoint(Checkpoint):
         super().__init__(file, PLAIN_HDF5)
         if self._predict_from(like, base_offset=0, data_end=file.size):
             return  # `like`'s structure, verified byte for byte (no HDF5 open)
-        h5 = open_hdf5_path(file.path)
+        h5 = open_hdf5(file)
         try:
             self.layout = hdf5_layout(h5)
         except (OSError, RuntimeError, ValueError) as exc:
@@ -38,9 +39,19 @@ class H5Checkpoint(Checkpoint):
         self._load_tensors(base_offset=0, data_end=file.size)
 
     def _open_weights(self) -> h5py.File:
-        h5 = open_hdf5_path(self.path)
+        h5 = open_hdf5(self.file)
         self.file.check_unchanged()
         return h5
+
+    def model_config(self) -> dict | None:
+        # Read only after `_load_tensors` has checked the global heaps that hold the string.
+        try:
+            with self.weights_h5() as h5:
+                text = h5.attrs.get("model_config")
+            config = json.loads(text) if text is not None else None
+        except (OSError, RuntimeError, ValueError, TypeError):  # RecursionError: RuntimeError
+            return None
+        return config if isinstance(config, dict) else None
 
     def weights_bytes(self) -> tuple[int, int] | None:
         return (0, self.file.size) if self.raw_readable else None

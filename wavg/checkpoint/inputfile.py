@@ -6,36 +6,25 @@ when it is first opened and compared whenever it is reopened and once more at th
 With many inputs (1000 files is a supported case) descriptors are not all kept open: the
 caller decides with `keep_open`, and a closed file is reopened for each read.
 
-This is the only module that touches an input's descriptor: every byte wavg reads from an
-input goes through the methods below, so another byte source (remote storage, say) is a
-class with the same contract, and the formats and the averaging core never learn where
-their bytes came from. The contract of a byte source:
-
-- attributes `path` (what errors name), `size` (bytes), `keep_open` (a hint: False when
-  many inputs are open and resources should be given back between reads);
-- `read_at(offset, size) -> bytes`, `readinto(offset, buffer)` and `readv(offset, buffers)`
-  read exactly the bytes asked for (consecutive bytes from `offset`, in the order of
-  `buffers` for `readv`), or raise `CheckpointError` (``truncated``, a read error) naming
-  the file; all are safe to call from several threads at once;
-- `copy_to(dst_fd, offset, count, dst_offset)` writes bytes of the input into an output
-  file (in the kernel where it can);
-- `check_unchanged()` raises `InputChanged` when the source is no longer what was first
-  read, `release()` gives back resources (the next read reacquires and re-identifies).
+Every byte wavg reads from an input goes through a byte source's methods, never a raw
+descriptor outside this module (see wavg.checkpoint.remote for another source): `read_at`
+(exact), `readinto` (partial only at the end), optionally `readv` (consecutive bytes into
+several buffers), `will_read` (a hint), `copy_range_to` (into an output), `check_unchanged`
+and `release`. Formats and the averaging core never learn where the bytes came from.
 """
 
 from __future__ import annotations
 
 import errno
+import io
 import os
 import stat
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
 
 from wavg.errors import CheckpointError, InputChanged
 
-Buffer = Any  # a writable object with the buffer protocol (bytearray, memoryview, ndarray)
 # Linux's limit on the buffers of one preadv.
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
@@ -66,6 +55,9 @@ class InputFile:
         self._fd: int | None = fd
         self._lock = threading.Lock()
         self.keep_open = True
+        # Counted by byte sources that fetch over a network; a local file fetches nothing.
+        self.bytes_fetched = 0
+        self.requests = 0
 
     def _open(self) -> int:
         try:
@@ -117,54 +109,69 @@ class InputFile:
     def read_at(self, offset: int, size: int) -> bytes:
         """Read exactly `size` bytes at `offset` (fewer means the file is truncated)."""
         with self.fd() as fd:
-            data = self._call(os.pread, fd, size, offset)
+            data = os.pread(fd, size, offset)
         if len(data) != size:
             raise CheckpointError(self.path, "truncated")
         return data
 
-    def readinto(self, offset: int, buffer: Buffer) -> None:
-        """Fill `buffer` (any writable buffer, e.g. a numpy array) with the bytes at `offset`;
-        straight into it (no copy), the GIL released."""
-        self.readv(offset, [memoryview(buffer).cast("B")])
+    def readinto(self, offset: int, buffer: memoryview) -> int:
+        """Fill `buffer` with the bytes at `offset`; returns how many there were (fewer than
+        ``len(buffer)`` only at the end of the file). `OSError` propagates."""
+        done = 0
+        with self.fd() as fd:
+            while done < len(buffer):
+                got = os.preadv(fd, [buffer[done:]], offset + done)
+                if got == 0:
+                    break
+                done += got
+        return done
 
-    def readv(self, offset: int, buffers: Sequence[Buffer]) -> None:
-        """Fill `buffers` in order with the consecutive bytes at `offset`: one vectored read
-        (``preadv``) for a span of many tensors, gaps between them landing in scratch."""
+    def readv(self, offset: int, buffers: Sequence) -> int:
+        """Fill `buffers` in order with the consecutive bytes at `offset` (one ``preadv``: a
+        span of many small tensors, the headers between them landing in scratch); returns
+        how many bytes there were (fewer only at the end of the file). `OSError` propagates.
+        Optional for a byte source: without it, the reader calls `readinto` per buffer."""
         views = [memoryview(b).cast("B") for b in buffers]
         views = [v for v in views if len(v)]
+        done = 0
         with self.fd() as fd:
             while views:
-                got = self._call(os.preadv, fd, views[:IOV_MAX], offset)
+                got = os.preadv(fd, views[:IOV_MAX], offset + done)
                 if got == 0:
-                    raise CheckpointError(self.path, "truncated")
-                offset += got
+                    break
+                done += got
                 while views and got >= len(views[0]):
                     got -= len(views[0])
                     views.pop(0)
                 if got:
                     views[0] = views[0][got:]
+        return done
 
-    def copy_to(self, dst_fd: int, offset: int, count: int, dst_offset: int) -> None:
-        """Write `count` bytes of this input at `offset` into `dst_fd` at `dst_offset`; in
-        the kernel (``copy_file_range``) where the platform allows it."""
+    def will_read(self, ranges: Sequence[tuple[int, int]], readers: int = 1) -> None:
+        """A hint: ``(offset, size)`` ranges about to be read with `readinto`, in order, by
+        one of `readers` inputs read in lockstep. A local file leaves read-ahead to the kernel."""
+
+    def copy_range_to(self, dst_fd: int, src_at: int, dst_at: int, count: int) -> None:
+        """Copy `count` bytes at `src_at` to `dst_fd` at `dst_at`, in the kernel if it can."""
         with self.fd() as src_fd:
             while count > 0:
                 try:
-                    done = os.copy_file_range(src_fd, dst_fd, count, offset, dst_offset)
+                    done = os.copy_file_range(src_fd, dst_fd, count, src_at, dst_at)
                 except (AttributeError, OSError):
-                    data = self._call(os.pread, src_fd, min(count, 1 << 20), offset)
-                    done = os.pwrite(dst_fd, data, dst_offset) if data else 0
+                    data = os.pread(src_fd, min(count, 1 << 20), src_at)
+                    done = os.pwrite(dst_fd, data, dst_at) if data else 0
                 if done <= 0:
                     raise CheckpointError(self.path, "truncated while copying")
-                offset, dst_offset, count = offset + done, dst_offset + done, count - done
+                src_at, dst_at, count = src_at + done, dst_at + done, count - done
 
-    def _call(self, read, *args):  # noqa: ANN001, ANN202 - os.pread / os.preadv
-        try:
-            return read(*args)
-        except OSError as exc:
-            raise CheckpointError(
-                self.path, f"read error ({os.strerror(exc.errno or errno.EIO)})"
-            ) from None
+    def sibling(self, name: str) -> InputFile:
+        """The file called `name` next to this one (a shard beside its index), opened and
+        identified the same way. `name` is one path segment; the caller checks it."""
+        return InputFile(os.path.join(os.path.dirname(self.path), name))
+
+    def h5py_source(self) -> str | io.BufferedReader:
+        """What h5py should open to read this file: its path, for h5py's own driver."""
+        return self.path
 
     def release(self) -> None:
         with self._lock:
@@ -183,3 +190,33 @@ class InputFile:
 
     def same_file(self, st: os.stat_result) -> bool:
         return (st.st_dev, st.st_ino) == self.identity[:2]
+
+
+class Window(io.RawIOBase):
+    """A read-only, seekable file object over bytes ``start … start+size`` of a byte source
+    (anything with `readinto(offset, buffer)`): how zipfile and h5py read an input."""
+
+    def __init__(self, file, start: int, size: int) -> None:
+        self._file, self._start, self._size, self._pos = file, start, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        want = max(0, min(len(buffer), self._size - self._pos))
+        if want == 0:
+            return 0
+        got = self._file.readinto(self._start + self._pos, memoryview(buffer).cast("B")[:want])
+        self._pos += got
+        return got

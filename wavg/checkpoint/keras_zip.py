@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import struct
 import zipfile
@@ -24,6 +25,7 @@ import numpy as np
 from wavg.checkpoint.base import Checkpoint, Writer, as_bytes
 from wavg.checkpoint.hdf5 import Tensor, open_h5
 from wavg.checkpoint.inputfile import InputFile
+from wavg.checkpoint.inputfile import Window as _Window
 from wavg.checkpoint.layouts import KERAS_ARCHIVE
 from wavg.checkpoint.skeleton import lay_out_output
 from wavg.errors import CheckpointError, UnsafeCheckpoint
@@ -36,35 +38,6 @@ _LOCAL_HEADER = struct.Struct("<4s22xHH")
 COPY_BLOCK = 1 << 20
 # NotImplementedError: an unknown zip version or compression method.
 _ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError, NotImplementedError)
-
-
-class _Window(io.RawIOBase):
-    """A read-only, seekable view of bytes ``start … start+size`` of an input file."""
-
-    def __init__(self, file: InputFile, start: int, size: int) -> None:
-        self._file, self._start, self._size, self._pos = file, start, size, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-    def readinto(self, buffer) -> int:  # type: ignore[override]
-        want = max(0, min(len(buffer), self._size - self._pos))
-        if want == 0:
-            return 0
-        self._file.readinto(self._start + self._pos, memoryview(buffer)[:want])
-        self._pos += want
-        return want
 
 
 class _Checked(io.RawIOBase):
@@ -155,6 +128,15 @@ class KerasCheckpoint(Checkpoint):
                 return archive.read(name)
             except _ZIP_ERRORS as exc:
                 raise CheckpointError(self.path, f"damaged archive member {name} ({exc})") from None
+
+    def model_config(self) -> dict | None:
+        if "config.json" not in self.members:
+            return None
+        try:
+            config = json.loads(self.read_member("config.json"))
+        except (CheckpointError, ValueError, RecursionError):
+            return None
+        return config if isinstance(config, dict) else None
 
     def weights_bytes(self) -> tuple[int, int] | None:
         if self._data_start is None or not self.raw_readable:

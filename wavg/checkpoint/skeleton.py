@@ -189,4 +189,4 @@ def copy_around_tensors(template, offsets: dict[str, int], dst_fd: int) -> None:
     extents = [(off, off + tensors[name].nbytes) for name, off in offsets.items()]
     os.ftruncate(dst_fd, length)
     for first, last in gaps_between(extents, 0, length):
-        template.file.copy_to(dst_fd, start + first, last - first, first)
+        template.file.copy_range_to(dst_fd, start + first, first, last - first)

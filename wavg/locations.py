@@ -1,0 +1,137 @@
+"""Where a checkpoint lives: a local path or a URL (s3://, gs://, any fsspec protocol).
+
+This module tells the two apart, shows URLs without their secrets, and expands quoted globs
+on the side that holds the files (a shell cannot list a bucket). It never opens a checkpoint
+and never imports a storage backend unless a URL pattern has to be listed.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import posixpath
+import re
+from collections.abc import Hashable, Sequence
+from pathlib import Path
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+from wavg.errors import CheckpointError
+
+# Two characters at least, so a Windows drive ("C:/x") is never taken for a scheme.
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
+_GLOB_CHARS = re.compile(r"[*?[]")
+
+
+def is_url(name: object) -> bool:
+    """True for ``scheme://...`` strings and `Url` objects (``file://`` included)."""
+    return isinstance(name, Url) or (isinstance(name, str) and bool(_URL.match(name)))
+
+
+def redact(url: str) -> str:
+    """`url` safe to print: user info and query string (signatures, tokens) replaced."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    query = "***" if parts.query else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+class Url:
+    """A checkpoint's URL; `str()` is the redacted form, `.url` the one to open.
+
+    It answers `name` and `parent` like a `Path`, so ordering and the plan table need no
+    special case, but it is deliberately not path-like: nothing can open it as a local file.
+    """
+
+    __slots__ = ("url",)
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def __str__(self) -> str:
+        return redact(self.url)
+
+    def __repr__(self) -> str:
+        return f"Url({str(self)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Url) and other.url == self.url
+
+    def __hash__(self) -> int:
+        return hash(self.url)
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(urlsplit(self.url).path)
+
+    @property
+    def parent(self) -> Url:
+        p = urlsplit(self.url)
+        return Url(urlunsplit((p.scheme, p.netloc, posixpath.dirname(p.path), "", "")))
+
+
+Location = Path | Url
+
+
+def as_location(name: str | os.PathLike[str] | Url) -> Location:
+    """A `Url` for a URL (``file://`` becomes the local `Path` it names), else a `Path`."""
+    if isinstance(name, Url | Path):
+        return name
+    if is_url(name):
+        text = str(name)
+        if text.lower().startswith("file://"):
+            return Path(unquote(urlsplit(text).path))
+        return Url(text)
+    return Path(name)
+
+
+def identity_key(location: Location) -> Hashable | None:
+    """What makes two locations the same object: (device, inode) for an existing local file,
+    the URL without query for a URL, None for a local path that does not exist (yet)."""
+    if isinstance(location, Url):
+        p = urlsplit(location.url)
+        return ("url", p.scheme.lower(), p.netloc, p.path)
+    try:
+        st = location.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def expand_inputs(names: Sequence[str | os.PathLike[str] | Url]) -> list[Location]:
+    """The checkpoints `names` stand for, with quoted globs expanded; reads no contents.
+
+    A local name is taken literally when something has that name; otherwise, if it holds
+    glob characters, it is matched (sorted; ordering by epoch comes later). A URL with glob
+    characters is listed on its backend. A pattern that matches nothing, or a missing
+    local name, is a `CheckpointError` naming it.
+    """
+    found: list[Location] = []
+    for name in names:
+        location = as_location(name)
+        if isinstance(location, Url):
+            if _GLOB_CHARS.search(urlsplit(location.url).path):
+                from wavg.checkpoint.remote import glob_urls
+
+                matches = glob_urls(location.url)
+                if not matches:
+                    raise CheckpointError(str(location), "no object matches this pattern")
+                found.extend(Url(m) for m in matches)
+            else:
+                found.append(location)
+            continue
+        text = os.fspath(location)
+        if os.path.lexists(text):
+            found.append(location)
+        elif _GLOB_CHARS.search(text):
+            matches = sorted(glob.glob(text))
+            if not matches:
+                raise CheckpointError(text, "no such file (and no file matches it as a pattern)")
+            found.extend(Path(m) for m in matches)
+        else:
+            raise CheckpointError(text, "no such file")
+    return found
