@@ -33,7 +33,6 @@ from wavg.errors import (
     NonFiniteValues,
     OutputError,
     UsageError,
-    WavgError,
 )
 from wavg.locations import Location, as_location, expand_inputs, identity_key
 from wavg.onerun import distance_warnings
@@ -254,30 +253,22 @@ def run_plan(
     return summary
 
 
-def _open_inputs(paths: list[Path], opened: dict[int, Checkpoint]) -> None:
-    """Open every input into `opened` (by index), the newest first: its structure, walked
-    and checked, lets each other input be verified against it rather than walked again."""
+def _open_inputs(paths: list, opened: dict[int, Checkpoint]) -> None:
+    """Open every input into `opened` (by index), in order, so the first problem found is
+    the oldest input's. The oldest and the newest are walked and checked in full (the
+    newest's structure becomes the output's); each input between them is verified against
+    the oldest's checked structure rather than walked again (see Checkpoint._predict_from).
+    """
     keep_open = len(paths) <= _descriptor_budget()
     newest = len(paths) - 1
-
-    def open_one(i: int) -> None:
-        ckpt = open_checkpoint(paths[i], like=opened.get(newest))
+    for i in range(len(paths)):
+        like = opened.get(0) if 0 < i < newest else None
+        ckpt = open_checkpoint(paths[i], like=like)
         opened[i] = ckpt
         ckpt.trim()
         if not keep_open:
             ckpt.file.keep_open = False
             ckpt.release()
-
-    try:
-        open_one(newest)
-    except WavgError:
-        # Problems are reported oldest first, as the user lists them: an older bad input
-        # is named before the newest.
-        for i in range(newest):
-            open_one(i)
-        raise
-    for i in range(newest):
-        open_one(i)
 
 
 def _copied_weight_warnings(newest: Checkpoint) -> list[str]:

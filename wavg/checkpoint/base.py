@@ -125,7 +125,7 @@ class Checkpoint:
         validation of `like` is this file's, verified by one comparison instead of
         rediscovered through libhdf5 (~20 ms per file of a few hundred tensors). libhdf5
         never parses this file: every averaged tensor is read raw (else no prediction), and
-        the other tensors only ever come from the newest input.
+        the other tensors only ever come from the newest input, which is always walked.
         """
         if (
             like is None
