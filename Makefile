@@ -10,13 +10,16 @@ DEMO_DIR := demo_out
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[all,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
 
+# The whole suite on Keras' default backend (TensorFlow), then the tests marked `backend`
+# (the Keras-side commands) again on JAX's CPU backend (JAX_PLATFORMS=cpu: no GPU probing).
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+	KERAS_BACKEND=jax JAX_PLATFORMS=cpu $(BIN)/python -m pytest -q -m backend
 
 lint: $(STAMP)
 	$(BIN)/ruff check wavg tests bench scripts

@@ -25,6 +25,7 @@ import plots
 import remote_workload
 import report
 import runner
+import sharded
 import targets
 from machine import describe
 from results import Row, write_csv
@@ -44,7 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="NAME",
-        help="cell or group (scale, ref, formats, many, apps, sample, fds, remote); repeat or comma-separate",
+        help="cell or group (scale, ref, formats, many, sample, fds, sharded, remote, apps); repeat or "
+        "comma-separate",
     )
     parser.add_argument("--keep", action="store_true", help="keep generated checkpoints")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "out", help="scratch directory")
@@ -159,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     selectors = [s for item in args.only for s in item.split(",") if s]
     cells = [c for c in (quick_cells() if args.quick else full_cells()) if c.matches(selectors)]
     run_remote = not args.quick and (not selectors or "remote" in selectors)
-    if args.list or not (cells or run_remote):
+    if args.list or not (cells or run_remote or sharded.wanted(selectors)):
         print("\n".join(f"{c.name:28} groups={','.join(c.groups)}" for c in cells) or "no cell")
         return 0 if cells else 2
     partial = args.quick or bool(selectors)
@@ -189,6 +191,11 @@ def main(argv: list[str] | None = None) -> int:
                     notes.append(f"{cell.name}: {note}")
             release(args.out, cell, remaining, args.keep)
             emit(rows, results_dir, notes, draw=False)
+        if sharded.wanted(selectors):
+            print(f"[{time.perf_counter() - started:6.0f} s] sharded", file=sys.stderr)
+            notes.append(
+                sharded.run(ctx.wavg, args.out, results_dir, args.quick, ctx.budget_s, args.keep)
+            )
         if run_remote:  # object storage: see remote_workload.py
             notes += remote_workload.run(args.out, ctx.wavg, args.keep)
     except KeyboardInterrupt:

@@ -111,7 +111,9 @@ def runs(tmp_path_factory, keras_module) -> dict[str, Run]:
     for name, build in BUILDERS.items():
         directory = tmp_path_factory.mktemp(name)
         model = build(keras)
-        model.compile(optimizer="adam", loss="categorical_crossentropy")
+        # Named: Keras numbers unnamed optimizers per process ("adam_1", ...), and the tests
+        # look for this one's state by name whatever ran before them.
+        model.compile(optimizer=keras.optimizers.Adam(name="adam"), loss="categorical_crossentropy")
         x = _inputs(name, rng)
         y = keras.utils.to_categorical(rng.integers(0, 3, len(x)), 3)
         run = Run(name, model, x=x)

@@ -19,6 +19,9 @@ from kerasfiles import assert_one_line_error, run_wavg
 
 from wavg.bn_update import bn_update
 
+# `backend`: `make test` runs these again on JAX (KERAS_BACKEND=jax).
+pytestmark = pytest.mark.backend
+
 FORMATS = ("h5", "keras", "weights.h5")
 BATCH = 16
 

@@ -17,7 +17,8 @@ from wavg.data import blobs
 from wavg.evaluate import SCHEMA, evaluate, one_run_warnings
 from wavg.model_loading import import_keras
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+# `backend`: `make test` runs these again on JAX (KERAS_BACKEND=jax).
+pytestmark = [pytest.mark.backend, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 keras = import_keras()
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

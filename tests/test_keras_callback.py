@@ -9,7 +9,8 @@ from kerasfiles import tiny_model
 from wavg.model_loading import import_keras
 
 # Keras' own numpy-2 deprecation notices are not about wavg.
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+# `backend`: `make test` runs these again on JAX (KERAS_BACKEND=jax).
+pytestmark = [pytest.mark.backend, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 keras = import_keras()
 from wavg.keras import KeepLastEpochs  # noqa: E402  (after the quiet Keras import)
 

@@ -13,7 +13,8 @@ from kerasfiles import assert_one_line_error, run_wavg, short_run, tiny_model
 from wavg.errors import CheckpointError, UnsafeCheckpoint, WavgError
 from wavg.model_loading import import_keras, load_model, read_model_config, unsafe_references
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+# `backend`: `make test` runs these again on JAX (KERAS_BACKEND=jax).
+pytestmark = [pytest.mark.backend, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 keras = import_keras()
 OS_SYSTEM = {"module": "os", "class_name": "function", "config": "system", "registered_name": None}
 

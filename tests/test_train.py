@@ -13,7 +13,8 @@ from kerasfiles import assert_one_line_error, run_wavg, short_run
 from wavg.errors import UsageError
 from wavg.train import train_save
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+# `backend`: `make test` runs these again on JAX (KERAS_BACKEND=jax).
+pytestmark = [pytest.mark.backend, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 
 def _tensors(path):

@@ -7,8 +7,10 @@ Public API (the CLI is a thin layer over these):
 - `scheme_weights(n, scheme, alpha)` gives the normalised weights of a scheme;
 - `order_checkpoints(paths, order, last)` puts files oldest first by the epoch in their names.
 
-Importing wavg never imports TensorFlow or Keras; only `wavg.train`, `wavg.evaluate` and
-`wavg.keras` do, lazily.
+Importing wavg never imports Keras or a deep-learning framework; only `wavg.train`,
+`wavg.evaluate` and `wavg.keras` import Keras (on whichever backend ``KERAS_BACKEND`` selects),
+lazily, and they need the ``keras`` extra (`wavg.extras`). A plain ``pip install wavg`` is
+enough for `combine`.
 """
 
 from wavg.combine import CombinePlan, CombineSummary, combine, plan_combine, run_plan
@@ -26,4 +28,4 @@ __all__ = [
     "run_plan",
     "scheme_weights",
 ]
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place the version is set (pyproject reads it)

@@ -28,13 +28,18 @@ def temp_prefix(out: Path) -> str:
     return str(out.parent / f".{out.name}{TMP_MARKER}")
 
 
-def check_output_dir(out: Path) -> None:
-    """Fail early, before any input is read, if `out` cannot be a file we create."""
+def check_output_parent(out: Path) -> None:
+    """Fail early, before any input is read, if `out`'s directory cannot receive it."""
     directory = out.parent
     if not directory.exists():
         raise OutputError(out, f"directory {directory} does not exist")
     if not directory.is_dir():
         raise OutputError(out, f"{directory} is not a directory")
+
+
+def check_output_dir(out: Path) -> None:
+    """Fail early, before any input is read, if `out` cannot be a file we create."""
+    check_output_parent(out)
     if out.is_dir():
         raise OutputError(out, "is a directory")
     if out.exists() and not out.is_file():

@@ -8,6 +8,7 @@ progress and errors go to stderr. Every failure wavg can explain ends as one lin
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import signal
 import sys
@@ -20,6 +21,7 @@ from rich.table import Table
 
 from wavg.combine import CombinePlan, CombineSummary, plan_combine, run_plan
 from wavg.errors import EXIT_INTERRUPTED, EXIT_USAGE, UsageError, WavgError
+from wavg.extras import missing_reported, require
 from wavg.ordering import ORDERS
 from wavg.quantized_combine import POLICIES
 from wavg.schemes import DEFAULT_ALPHA, SCHEMES, parse_weight_list
@@ -55,6 +57,35 @@ class _WavgGroup(click.Group):
 @click.version_option(package_name="wavg")
 def cli() -> None:
     """Average the weights of Keras checkpoints (Polyak-Ruppert averaging)."""
+
+
+def needs_extra(extra: str) -> Callable[[Callable[..., object]], Callable[..., object]]:
+    """Mark a command as needing an optional extra ("keras", "s3", "gcs", "orbax").
+
+    Put it right above the command's function (below its options)::
+
+        @cli.command("soup")
+        @click.option(...)
+        @needs_extra("keras")
+        def soup_command(...): ...
+
+    Before the command runs, every module of the extra must be importable (for "keras", with
+    the backend KERAS_BACKEND selects); a later failed import of one of them is reported the
+    same way: ``wavg: error: wavg soup needs keras, which is not installed; install it with:
+    pip install 'wavg[keras]'``, exit 2. `wavg --help` and `wavg soup --help` work regardless.
+    """
+
+    def decorate(command: Callable[..., object]) -> Callable[..., object]:
+        @functools.wraps(command)
+        def run(*args: object, **kwargs: object) -> object:
+            what = click.get_current_context().command_path
+            require(extra, what)
+            with missing_reported(extra, what):
+                return command(*args, **kwargs)
+
+        return run
+
+    return decorate
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,7 +335,8 @@ def _install_signal_handlers() -> None:
 
 
 # --- train-save and evaluate ---
-# Both import TensorFlow/Keras only inside the command, so `wavg combine` never pays for it.
+# Both import Keras only inside the command, so `wavg combine` never pays for it, and both need
+# the `keras` extra (see `needs_extra`).
 
 
 @cli.command("train-save")
@@ -339,6 +371,7 @@ def _install_signal_handlers() -> None:
 @click.option("--custom-objects", default=None, help="Module defining the model's classes.")
 @click.option("--trust-file", is_flag=True, help="Load --model even if it holds code.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
+@needs_extra("keras")
 def train_save_command(
     epochs: int,
     keep: int,
@@ -410,6 +443,7 @@ def train_save_command(
 @click.option("--model", "model_file", default=None, help="Architecture (FILE.keras).")
 @click.option("--custom-objects", default=None, help="Module defining the model's classes.")
 @click.option("--trust-file", is_flag=True, help="Load files even if they hold code.")
+@needs_extra("keras")
 def evaluate_command(
     checkpoints: tuple[str, ...],
     data: str,
@@ -480,6 +514,7 @@ def evaluate_command(
 @click.option("--custom-objects", default=None, help="Module defining the model's classes.")
 @click.option("--trust-file", is_flag=True, help="Load files even if they hold code.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
+@needs_extra("keras")
 def bn_update_command(
     avg: str,
     data: str,
@@ -551,6 +586,7 @@ def bn_update_command(
 @click.option("--model", "model_file", default=None, help="Architecture (FILE.keras).")
 @click.option("--custom-objects", default=None, help="Module defining the model's classes.")
 @click.option("--trust-file", is_flag=True, help="Load files even if they hold code.")
+@needs_extra("keras")
 def soup_command(
     checkpoints: tuple[str, ...],
     data: str,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wavg.atomic import check_output_dir
+from wavg.atomic import check_output_parent
 from wavg.checkpoint import Checkpoint, Tensor, iter_blocks, open_checkpoint, staged_output
 from wavg.errors import (
     CheckpointError,
@@ -202,7 +202,7 @@ def run_plan(
     _refuse_output_among_inputs(out_location, plan.inputs)
     opened: dict[int, Checkpoint] = {}
     with staged_output(out_location) as out_path:
-        check_output_dir(out_path)
+        check_output_parent(out_path)  # what the output may be is the format's to say, once opened
         try:
             _open_inputs(plan.inputs, opened)
             inputs = [opened[i] for i in range(len(plan.inputs))]
@@ -339,6 +339,7 @@ def _check_compatible(inputs: list[Checkpoint], out: Path) -> None:
             f"output {out} must end in {wanted} for {newest.layout.name} inputs (Keras picks "
             "the format from the name)"
         )
+    newest.check_output(out)
     expected = {n: t for n, t in newest.tensors.items() if t.averaged}
     for ckpt in inputs[:-1]:
         mine = {n: t for n, t in ckpt.tensors.items() if t.averaged}

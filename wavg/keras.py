@@ -16,9 +16,20 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
-import keras
+from wavg.extras import install_command
 
-from wavg.model_loading import keras_logs_quiet
+try:
+    import keras
+except ModuleNotFoundError as exc:  # only Keras itself missing gets the hint; else a real bug
+    if exc.name != "keras":
+        raise
+    raise ModuleNotFoundError(
+        f"wavg.keras needs keras, which is not installed; install it with: "
+        f"{install_command('keras')}",
+        name="keras",
+    ) from None
+
+from wavg.model_loading import keras_logs_quiet  # noqa: E402  (after the Keras check)
 
 FORMATS = {"h5": ".h5", "keras": ".keras", "weights.h5": ".weights.h5"}
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import json
 import os
 import re
@@ -49,9 +50,14 @@ _TRUST_HINT = "wavg refuses it unless you trust the file: pass --trust-file (tru
 
 
 def import_keras() -> Any:
-    """Import Keras quietly and check that it carries the fixes for the load advisories."""
+    """Import Keras quietly and check that it carries the fixes for the load advisories.
+
+    Keras runs on the backend that ``KERAS_BACKEND`` (or ``~/.keras/keras.json``) selects;
+    nothing in wavg assumes TensorFlow.
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    with _native_stderr_silenced("tensorflow" not in sys.modules):
+    # The first import of Keras imports its backend (whichever KERAS_BACKEND selects).
+    with _native_stderr_silenced("keras" not in sys.modules):
         import keras
 
     found = tuple(int(part) for part in re.findall(r"\d+", keras.__version__)[:3])
@@ -303,21 +309,31 @@ def _dicts(node: Any) -> Iterator[dict[str, Any]]:
 
 @contextlib.contextmanager
 def keras_logs_quiet() -> Iterator[None]:
-    """Hide Keras' absl warnings (legacy-format notices, "metrics not built yet") for a block."""
+    """Hide Keras' absl warnings (legacy-format notices, "metrics not built yet") for a block,
+    and TensorFlow's native start-up lines if Keras imports it lazily within the block."""
     from absl import logging as absl_logging
 
     level = absl_logging.get_verbosity()
     absl_logging.set_verbosity(absl_logging.ERROR)
     try:
-        yield
+        with _native_stderr_silenced(_tensorflow_may_load()):
+            yield
     finally:
         absl_logging.set_verbosity(level)
 
 
+def _tensorflow_may_load() -> bool:
+    """True while TensorFlow is installed but not imported: on another backend (JAX, torch),
+    Keras imports it lazily when it saves or loads a model, and its native runtime then
+    prints its banner lines."""
+    return "tensorflow" not in sys.modules and importlib.util.find_spec("tensorflow") is not None
+
+
 @contextlib.contextmanager
 def _native_stderr_silenced(active: bool) -> Iterator[None]:
-    # TensorFlow's C++ runtime logs banner lines (oneDNN, CUDA) at import time, before it reads
-    # TF_CPP_MIN_LOG_LEVEL; only pointing file descriptor 2 elsewhere for the import hides them.
+    # A backend's native runtime can log banner lines at import time (TensorFlow's oneDNN and
+    # CUDA notes, before it reads TF_CPP_MIN_LOG_LEVEL); only pointing file descriptor 2
+    # elsewhere for the import hides them.
     if not active:
         yield
         return

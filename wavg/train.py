@@ -16,7 +16,7 @@ from typing import Any
 
 from wavg.data import DIGITS, Dataset, check_fits_model, load_data
 from wavg.errors import OutputError, UsageError
-from wavg.model_loading import import_keras, load_model
+from wavg.model_loading import import_keras, keras_logs_quiet, load_model
 
 OPTIMIZERS = ("adam", "sgd")
 FORMATS = ("h5", "keras", "weights.h5")
@@ -59,7 +59,7 @@ def train_save(
     `learning_rate` replaces the built-in optimizer's constant rate (Adam 0.001, SGD 0.01);
     a `model` file (a compiled ``.keras``/``.h5``, loaded with the safety checks of
     `wavg.model_loading`) trains with the optimizer it was compiled with. The same `seed` gives
-    bit-identical checkpoints (it also turns on TensorFlow's op determinism for the process).
+    bit-identical checkpoints on one machine and backend (see `make_deterministic`).
     `on_epoch(done, total, logs)` is called after every epoch, for progress display.
     """
     _check_options(epochs, keep, optimizer, fmt, model, batch_size, learning_rate)
@@ -69,10 +69,7 @@ def train_save(
     from wavg.keras import KeepLastEpochs, ReportEpochs
 
     if seed is not None:
-        keras.utils.set_random_seed(seed)
-        import tensorflow as tf
-
-        tf.config.experimental.enable_op_determinism()
+        make_deterministic(keras, seed)
     net = _model(keras, dataset, optimizer, model, custom_objects, trust, learning_rate)
     check_fits_model(dataset, net.input_shape, net.output_shape)
     keeper = KeepLastEpochs(out, keep=keep, total_epochs=epochs, fmt=fmt)
@@ -97,6 +94,21 @@ def train_save(
         metrics=metrics,
         seconds=time.perf_counter() - start,
     )
+
+
+def make_deterministic(keras: Any, seed: int) -> None:
+    """Seed Python, numpy and the backend; on TensorFlow also turn on op determinism.
+
+    `keras.utils.set_random_seed` seeds every backend. TensorFlow can still pick
+    nondeterministic kernels unless op determinism is on (for the whole process); JAX on the
+    CPU is deterministic as it is. TensorFlow is imported only when it is the backend.
+    """
+    with keras_logs_quiet():  # on JAX, Keras seeds TensorFlow too if it is installed
+        keras.utils.set_random_seed(seed)
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
 
 
 def case_study_model(

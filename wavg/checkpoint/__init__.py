@@ -2,8 +2,10 @@
 
 The format is recognised from the file's bytes, not its name: a zip archive is a ``.keras``
 model, an HDF5 file is a legacy ``.h5`` model, legacy weights or Keras 3 ``.weights.h5``
-(told apart by their layout, see `layouts`). Where the bytes come from (a local file, an
-object in storage) is the byte source's business (`open_source`); formats never ask.
+(told apart by their layout, see `layouts`). Checkpoints of several files are recognised by
+content too: a JSON index is sharded weights, a folder an unzipped ``.keras`` model. Where
+the bytes come from (a local file, an object in storage) is the byte source's business
+(`open_source`); formats never ask.
 """
 
 from __future__ import annotations
@@ -81,11 +83,18 @@ def open_checkpoint(
 ) -> Checkpoint:
     """Open `path` read-only and list its tensors; raises `CheckpointError` if it is unusable.
 
-    `like`, an open checkpoint likely of the same run (the newest input), lets a format
-    verify that this file has its structure instead of walking it afresh.
+    `like`, an open checkpoint likely of the same run (another input), lets a format verify
+    that this file has its structure instead of walking it afresh.
     """
+    folder = _open_folder(path)
+    if folder is not None:
+        return folder
     file = open_source(path)
     try:
+        if _is_index(file):
+            from wavg.checkpoint.sharded import ShardedCheckpoint
+
+            return ShardedCheckpoint(file)
         kind = _sniff(file)
         if kind == "zip":
             from wavg.checkpoint.keras_zip import KerasCheckpoint
@@ -93,10 +102,34 @@ def open_checkpoint(
             return KerasCheckpoint(file, like)
         from wavg.checkpoint.h5file import H5Checkpoint
 
-        return H5Checkpoint(file, like)
+        return H5Checkpoint(file, like=like)
     except BaseException:
         file.release()
         raise
+
+
+# -- checkpoints of several files: an unzipped .keras folder, a sharded weights index --------
+
+
+def _open_folder(path: str | os.PathLike[str] | Url) -> Checkpoint | None:
+    """A local unzipped .keras folder, or None for anything else (the byte source then names
+    a bare folder)."""
+    location = as_location(path)
+    if isinstance(location, Url) or not os.path.isdir(location):
+        return None
+    from wavg.checkpoint.keras_dir import KerasFolderCheckpoint, is_keras_folder
+
+    folder = os.fspath(location)
+    return KerasFolderCheckpoint(folder) if is_keras_folder(folder) else None
+
+
+def _is_index(file: InputFile) -> bool:
+    from wavg.checkpoint.shard_index import looks_like_index
+
+    return looks_like_index(file.read_at(0, min(64, file.size)))
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def _sniff(file: InputFile) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from wavg.atomic import atomic_output
+from wavg.atomic import atomic_output, check_output_dir
 from wavg.checkpoint.hdf5 import (
     Tensor,
     check_global_heaps,
@@ -74,6 +74,11 @@ class Checkpoint:
         """A writer for an output like this checkpoint; `keep(name)` filters its objects
         (None keeps everything, which lets the writer copy this file's bytes as they are)."""
         raise NotImplementedError
+
+    def check_output(self, out: Path) -> None:
+        """Raise `OutputError` if `out` cannot hold an output in this format (checked before
+        any tensor is read; a file here, a folder for unzipped .keras models)."""
+        check_output_dir(out)
 
     @contextlib.contextmanager
     def output(self, out: Path, keep: Callable[[str], bool] | None) -> Iterator[Writer]:

@@ -39,6 +39,10 @@ LEGACY_WEIGHTS = Layout("h5 weights", None, (".h5", ".hdf5"), (".weights.h5",))
 # Keras 3 save_weights("x.weights.h5"), and model.weights.h5 inside a .keras archive.
 KERAS3_WEIGHTS = Layout("weights.h5", "optimizer", (".weights.h5",))
 KERAS_ARCHIVE = Layout("keras", "optimizer", (".keras",))
+# Keras 3 save_weights("x.weights.json", max_shard_size=...): an index naming .weights.h5 shards.
+SHARDED_WEIGHTS = Layout("weights.json", "optimizer", (".weights.json",))
+# model.save("dir", zipped=False): config.json, metadata.json and model.weights.h5 in a folder.
+KERAS_FOLDER = Layout("keras folder", "optimizer", ())
 # Any other HDF5 file of arrays: every float dataset is averaged.
 PLAIN_HDF5 = Layout("hdf5", None, ())
 
