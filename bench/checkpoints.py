@@ -45,6 +45,7 @@ def _job(root: Path, dataset: Dataset, fmt: str, n: int) -> dict | None:
         "input_dim": model.input_dim,
         "units": list(model.units),
         "batchnorm": model.batchnorm,
+        "application": model.application,
         "formats": [fmt],
         "start": missing[0],
         "stop": n,

@@ -7,6 +7,7 @@ measurements the harness takes of its other children.
 Usage: ``python bench/keras_gen.py JOBS_JSON``: a JSON list of jobs (one TensorFlow start-up
 for all of them), each an object with ``input_dim``,
 ``units`` (one Dense layer per entry), ``batchnorm`` (a BatchNormalization after each Dense),
+or ``application`` (a ``keras.applications`` name, built with ``weights=None``),
 ``formats`` (any of ``h5``, ``keras``, ``weights``), ``start``, ``stop`` (checkpoint indices,
 so a set can be extended without rewriting what exists), ``seed`` and ``dir``.
 Checkpoint i uses seed ``seed + i``: the same spec always gives the same bytes of weights.
@@ -38,6 +39,14 @@ def build_model(input_dim: int, units: list[int], batchnorm: bool):  # noqa: ANN
     return keras.Sequential(layers)
 
 
+def build_application(name: str):  # noqa: ANN201 (keras type)
+    """A ``keras.applications`` model with random initial weights (``weights=None``: no
+    download)."""
+    import keras
+
+    return getattr(keras.applications, name)(weights=None)
+
+
 def random_weights(model, seed: int) -> list[np.ndarray]:  # noqa: ANN001 (keras type)
     """Uniform [0, 1) float32 values: positive, so BatchNormalization variances stay valid."""
     rng = np.random.default_rng(seed)
@@ -60,7 +69,10 @@ def write_job(spec: dict) -> None:
     """
     out = Path(spec["dir"])
     out.mkdir(parents=True, exist_ok=True)
-    model = build_model(spec["input_dim"], spec["units"], spec.get("batchnorm", False))
+    if spec.get("application"):
+        model = build_application(spec["application"])
+    else:
+        model = build_model(spec["input_dim"], spec["units"], spec.get("batchnorm", False))
     for index in range(spec["start"], spec["stop"]):
         model.set_weights(random_weights(model, spec["seed"] + index))
         for fmt in spec["formats"]:

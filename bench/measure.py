@@ -31,13 +31,16 @@ GNU_TIME = Path("/usr/bin/time")
 
 @dataclass(frozen=True)
 class Run:
-    """One measured child: wall seconds, its peak RSS in bytes, and how it ended."""
+    """One measured child: wall seconds, its peak RSS in bytes, and how it ended; `cpu_s` is
+    its user + system CPU time (all threads), which a busy machine inflates far less than
+    the wall time."""
 
     wall_s: float
     peak_rss: int
     returncode: int
     timed_out: bool = False
     stderr_tail: str = ""
+    cpu_s: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -96,7 +99,8 @@ def run_once(
         proc.returncode = os.waitstatus_to_exitcode(status)  # so Popen does not wait again
         peak = _peak_rss(rss_file.read(), usage.ru_maxrss)
     tail = b"".join(chunks).decode(errors="replace").strip()[-600:]
-    return Run(wall, peak, proc.returncode, killed.is_set(), tail)
+    cpu = usage.ru_utime + usage.ru_stime  # the child and what it waited for (GNU time)
+    return Run(wall, peak, proc.returncode, killed.is_set(), tail, cpu)
 
 
 def _peak_rss(time_output: str, fallback_kb: int) -> int:

@@ -46,20 +46,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="NAME",
-        help="cell or group (scale, ref, formats, many, sample, fds, sharded, remote); repeat or "
+        help="cell or group (scale, ref, formats, many, sample, fds, sharded, remote, apps); repeat or "
         "comma-separate",
     )
     parser.add_argument("--keep", action="store_true", help="keep generated checkpoints")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "out", help="scratch directory")
     parser.add_argument("--results", type=Path, help="where results go (see module doc)")
     parser.add_argument("--list", action="store_true", help="list the cells and exit")
+    parser.add_argument(
+        "--wavg",
+        type=Path,
+        help="wavg executable to measure (default: this venv's; compare builds)",
+    )
     return parser.parse_args(argv)
 
 
-def find_wavg() -> Path:
-    """The wavg console script of the interpreter running the harness (the repo's venv)."""
+def find_wavg(given: Path | None = None) -> Path:
+    """`given`, else the wavg console script of the interpreter running the harness."""
     beside = Path(sys.executable).parent / "wavg"
-    found = beside if beside.exists() else shutil.which("wavg")
+    found = given or (beside if beside.exists() else shutil.which("wavg"))
     if not found:
         sys.exit("bench: no wavg executable next to this Python; run `make install` first")
     probe = measure.run_once([str(found), "combine", "--help"], 60.0)
@@ -162,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if cells else 2
     partial = args.quick or bool(selectors)
     results_dir = args.results or (args.out / "results" if partial else BENCH_DIR / "results")
-    ctx = runner.Context(wavg=find_wavg(), out_dir=args.out, budget_s=2.0 if args.quick else 12.0)
+    ctx = runner.Context(
+        wavg=find_wavg(args.wavg), out_dir=args.out, budget_s=2.0 if args.quick else 12.0
+    )
     notes = ["quick mode: small sizes only"] if args.quick else []
     if not measure.rss_is_exact():
         notes.append("no /usr/bin/time: peak RSS figures include the harness's (upper bounds)")

@@ -85,6 +85,22 @@ def _many(rows: list[Row], startup_s: float | None) -> list[Target]:
     return out or [_not_run(*goal)]
 
 
+def _applications(rows: list[Row]) -> list[Target]:
+    """keras.applications cells: wall within 2x dd read + dd write+fsync, RSS <= 150 MB."""
+    goal = ("apps: wall vs read+write floor", "<= 2x, RSS <= 150 MB")
+    cells = sorted({r.cell for r in rows if "apps" in r.groups.split()})
+    out = []
+    for cell in cells:
+        wavg = _get(rows, cell, "wavg")
+        if wavg is None or wavg.wavg_x_io_floor is None:
+            out.append(Target(f"{cell}: wall vs read+write floor", goal[1], "not run", None))
+            continue
+        measured = f"{wavg.wavg_x_io_floor:.2f}x, {wavg.peak_rss_mb:.0f} MB"
+        passed = wavg.wavg_x_io_floor <= 2.0 and wavg.peak_rss_mb <= 150
+        out.append(Target(f"{cell}: wall vs read+write floor", goal[1], measured, passed))
+    return out or [_not_run(*goal)]
+
+
 def _formats(rows: list[Row]) -> list[Target]:
     out = []
     for fmt in ("keras", "weights"):
@@ -174,6 +190,7 @@ def evaluate(rows: list[Row]) -> list[Target]:
     return [
         *_reference(rows),
         *_many(rows, startup),
+        *_applications(rows),
         *_formats(rows),
         _flat_memory(rows),
         _linear_time(rows),

@@ -24,12 +24,16 @@ def checkpoint_name(index: int, fmt: str) -> str:
 
 @dataclass(frozen=True)
 class Model:
-    """An MLP: Input(input_dim), then one Dense per entry of `units` (each + BN if asked)."""
+    """An MLP: Input(input_dim), then one Dense per entry of `units` (each + BN if asked);
+    or, when `application` names one, that ``keras.applications`` model (``weights=None``,
+    nothing downloaded), whose float32 weight count is `params`."""
 
     name: str
     input_dim: int
     units: tuple[int, ...]
     batchnorm: bool = False
+    application: str = ""
+    params: int = 0
 
     @property
     def n_tensors(self) -> int:
@@ -39,6 +43,8 @@ class Model:
     @property
     def weight_bytes(self) -> int:
         """Bytes of float32 weights in one checkpoint (the file adds a little metadata)."""
+        if self.application:
+            return 4 * self.params
         total, fan_in = 0, self.input_dim
         for width in self.units:
             total += (fan_in + 1) * width + (4 * width if self.batchnorm else 0)
@@ -86,12 +92,21 @@ LARGE = Model("mlp-1GB", input_dim=4096, units=(4096,) * 16)
 MANY = Model("many-200layers", input_dim=256, units=(256,) * 100, batchnorm=True)
 MANY_QUICK = Model("many-200layers-q", input_dim=64, units=(64,) * 100, batchnorm=True)
 
+# Real architectures: mostly small tensors (BatchNorm vectors, depthwise kernels, biases).
+RESNET50 = Model("resnet50", 0, (), application="ResNet50", params=25_636_712)
+EFFICIENTNETB0 = Model("efficientnetb0", 0, (), application="EfficientNetB0", params=5_330_571)
+MOBILENETV2 = Model("mobilenetv2", 0, (), application="MobileNetV2", params=3_538_984)
+
 D_TINY = Dataset("tiny", TINY, seed=1000)
 D_SMALL = Dataset("mlp-10MB", SMALL, seed=2000)
 D_MEDIUM = Dataset("mlp-270MB", MEDIUM, seed=3000)
 D_LARGE = Dataset("mlp-1GB", LARGE, seed=4000, grow=True)
 D_MANY = Dataset("many-200layers", MANY, seed=5000)
 D_MANY_QUICK = Dataset("many-200layers-q", MANY_QUICK, seed=6000)
+D_APPS = tuple(
+    Dataset(model.name, model, seed=7000 + 100 * i)
+    for i, model in enumerate((RESNET50, EFFICIENTNETB0, MOBILENETV2))
+)
 
 # Only wavg and the dd floor: a tutorial script on a 1000-file set only measures TF start-up.
 WAVG_AND_DD = ("wavg", "dd")
@@ -148,11 +163,22 @@ def _formats(dataset: Dataset, n: int) -> list[Cell]:
     ]
 
 
+def _applications() -> list[Cell]:
+    """keras.applications models, 8 checkpoints each, as .h5 and .keras: real models are
+    hundreds of small tensors, where per-tensor overhead (not bandwidth) sets the time."""
+    return [
+        Cell(f"{d.name}-x8-{fmt}", ("apps",), d, 8, fmt, WAVG_AND_DD)
+        for d in D_APPS
+        for fmt in ("h5", "keras")
+    ]
+
+
 def full_cells() -> list[Cell]:
     """The full matrix (about 45 GB of checkpoints in all, at most ~33 GB on disk at once)."""
     return [
         *_sample_and_fds(1000),
         Cell("many-200layers-x8-h5", ("many",), D_MANY, 8, "h5"),
+        *_applications(),
         *_scale(D_SMALL, (2, 8, 32)),
         *_formats(D_SMALL, 8),
         *_scale(D_MEDIUM, (2, 8, 32)),

@@ -117,11 +117,25 @@ def run_cli(args, capfd) -> Result:
     return Result(code, out, err)
 
 
-def run_wavg(args, *, timeout: float = 60, user: str | None = None, **kwargs) -> Result:
-    """Run the real ``wavg`` CLI in a subprocess (optionally as another user via setpriv)."""
-    prefix: list[str] = []
-    if user == "nobody":
-        prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+# Root passes every permission check through two capabilities. Dropping them from the
+# bounding set (so an exec cannot regain them) leaves a root process bound by permission bits
+# like any user, while it keeps its own uid: it still reaches this checkout and its .venv
+# wherever they are (a fresh clone in a private `mktemp -d` directory, mode 0700, is one
+# that `nobody` could not even enter).
+UNPRIVILEGED = [
+    "setpriv",
+    "--bounding-set=-dac_override,-dac_read_search",
+    "--inh-caps=-dac_override,-dac_read_search",
+]
+
+
+def run_wavg(args, *, timeout: float = 60, unprivileged: bool = False, **kwargs) -> Result:
+    """Run the real ``wavg`` CLI in a subprocess.
+
+    `unprivileged`: the run must be refused by file permissions. As root it runs without the
+    capabilities that override them (see `UNPRIVILEGED`); any other user already is.
+    """
+    prefix = UNPRIVILEGED if unprivileged and os.geteuid() == 0 else []
     proc = subprocess.run(
         [*prefix, *WAVG, *map(str, args)],
         capture_output=True,

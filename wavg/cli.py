@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from wavg.combine import CombinePlan, plan_combine, run_plan
+from wavg.combine import CombinePlan, CombineSummary, plan_combine, run_plan
 from wavg.errors import EXIT_INTERRUPTED, EXIT_USAGE, UsageError, WavgError
 from wavg.extras import missing_reported, require
 from wavg.ordering import ORDERS
@@ -179,6 +179,12 @@ def combine(
         order=order,
         last=last,
     )
+    shown: list[str] = []
+
+    def on_ready(summary: CombineSummary) -> None:
+        shown.extend(summary.warnings)
+        _render_plan(plan, summary.warnings)
+
     with _progress_bar() as progress:
         summary = run_plan(
             plan,
@@ -188,8 +194,10 @@ def combine(
             dry_run=dry_run,
             progress=progress,
             quantized=quantized,
-            on_ready=lambda summary: _render_plan(plan, summary.warnings),
+            on_ready=on_ready,
         )
+    for warning in summary.warnings[len(shown) :]:  # found while averaging (one run?)
+        _stderr.print(f"wavg: warning: {warning}", markup=False, highlight=False)
     if as_json:
         click.echo(json.dumps(summary.to_json(), indent=2))
     elif dry_run:

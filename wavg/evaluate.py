@@ -47,6 +47,7 @@ from wavg.data import BLOBS, BUILT_IN, Dataset, load_data, load_validation, same
 from wavg.errors import CheckpointError, UsageError
 from wavg.locations import expand_inputs
 from wavg.model_loading import is_weights_only
+from wavg.onerun import JUMP_LIMIT, SPREAD_LIMIT, not_one_run
 from wavg.ordering import epoch_numbers, order_checkpoints
 from wavg.schemes import DEFAULT_ALPHA, SCHEMES
 from wavg.scoring import Scorer, compiled_model_for, higher_is_better, suffix_of
@@ -56,8 +57,6 @@ from wavg.soup import greedy as greedy_soup
 SCHEMA = "wavg.evaluate/1"
 SINGLE, ENSEMBLE, GREEDY = "single", "ensemble", "greedy"
 BN_SUFFIX = "+bn"
-SPREAD_LIMIT = 0.25
-JUMP_LIMIT = 10.0
 
 Progress = Callable[[int, int], None]
 
@@ -357,11 +356,7 @@ def one_run_warnings(vectors: Sequence[np.ndarray], paths: Sequence[Path]) -> li
     spread = float(np.linalg.norm(stacked - stacked.mean(axis=0), axis=1).max())
     found = []
     if size > 0 and spread / size > SPREAD_LIMIT:
-        found.append(
-            f"the checkpoints differ by up to {spread / size:.0%} of their weights' size "
-            "(epochs of one run usually differ by about 1%); if they come from separate "
-            "training runs their weights are not aligned and the averages will be poor"
-        )
+        found.append(not_one_run(spread / size))
     steps = np.linalg.norm(np.diff(stacked, axis=0), axis=1)
     typical = float(np.median(steps))
     if len(vectors) >= 3 and typical > 0 and steps.max() > JUMP_LIMIT * typical:

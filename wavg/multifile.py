@@ -38,9 +38,9 @@ from pathlib import Path
 
 from wavg.atomic import (
     TMP_MARKER,
-    _alive,
     check_output_dir,
     fsync_directory,
+    process_alive,
     remove_stale_temps,
     temp_prefix,
 )
@@ -251,7 +251,7 @@ def clean_sharded_leftovers(out: Path) -> None:
     dead = [
         (entry, found.group(2))
         for entry in os.listdir(directory)
-        if (found := marker.fullmatch(entry)) and not _alive(int(found.group(1)))
+        if (found := marker.fullmatch(entry)) and not process_alive(int(found.group(1)))
     ]
     if dead:
         used = names_in_use(out)
@@ -378,7 +378,7 @@ def clean_folder_leftovers(out: Path) -> None:
     pattern = re.compile(rf"{re.escape(prefix)}(\d+)-[0-9a-f]+(-previous)?")
     for entry in sorted(os.listdir(out.parent), key=lambda e: not e.endswith("-previous")):
         found = pattern.fullmatch(entry)
-        if not found or _alive(int(found.group(1))):
+        if not found or process_alive(int(found.group(1))):
             continue
         path = out.parent / entry
         if found.group(2) and not os.path.lexists(out):

@@ -99,8 +99,14 @@ _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _ZIP_SIGNATURE = b"PK\x03\x04"
 
 
-def open_checkpoint(path: str | os.PathLike[str] | Url) -> Checkpoint:
-    """Open `path` read-only and list its tensors; raises `CheckpointError` if it is unusable."""
+def open_checkpoint(
+    path: str | os.PathLike[str] | Url, like: Checkpoint | None = None
+) -> Checkpoint:
+    """Open `path` read-only and list its tensors; raises `CheckpointError` if it is unusable.
+
+    `like`, an open checkpoint likely of the same run (another input), lets a format verify
+    that this file has its structure instead of walking it afresh.
+    """
     # Orbax: a local step directory, recognised by its content (roots are expanded earlier).
     if not isinstance(path, Url) and orbax_steps.is_step(path):
         from wavg.checkpoint.orbax import OrbaxStep
@@ -119,10 +125,10 @@ def open_checkpoint(path: str | os.PathLike[str] | Url) -> Checkpoint:
         if kind == "zip":
             from wavg.checkpoint.keras_zip import KerasCheckpoint
 
-            return KerasCheckpoint(file)
+            return KerasCheckpoint(file, like)
         from wavg.checkpoint.h5file import H5Checkpoint
 
-        return H5Checkpoint(file)
+        return H5Checkpoint(file, like=like)
     except BaseException:
         file.release()
         raise

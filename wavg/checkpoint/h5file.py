@@ -16,7 +16,7 @@ import numpy as np
 from wavg.checkpoint.base import Checkpoint, Writer, as_bytes, open_hdf5, pwrite_all
 from wavg.checkpoint.hdf5 import Tensor
 from wavg.checkpoint.inputfile import InputFile
-from wavg.checkpoint.layouts import Layout, hdf5_layout
+from wavg.checkpoint.layouts import PLAIN_HDF5, Layout, hdf5_layout
 from wavg.checkpoint.skeleton import copy_around_tensors, lay_out_output
 from wavg.errors import CheckpointError
 
@@ -24,16 +24,22 @@ from wavg.errors import CheckpointError
 class H5Checkpoint(Checkpoint):
     """A checkpoint that is itself an HDF5 file."""
 
-    def __init__(self, file: InputFile, layout: Layout | None = None) -> None:
+    def __init__(
+        self, file: InputFile, layout: Layout | None = None, like: Checkpoint | None = None
+    ) -> None:
         """`layout` is recognised from the file unless given (a shard of a sharded checkpoint
-        may hold only optimizer state, which alone does not tell its layout)."""
+        may hold only optimizer state, which alone does not tell its layout). `like`: an
+        input of the same run whose checked structure this one may share (see
+        `Checkpoint._predict_from`)."""
+        super().__init__(file, layout or PLAIN_HDF5)
+        if self._predict_from(like, base_offset=0, data_end=file.size):
+            return  # `like`'s structure, verified byte for byte (no HDF5 open)
         h5 = open_hdf5(file)
         try:
-            layout = layout or hdf5_layout(h5)
+            self.layout = layout or hdf5_layout(h5)
         except (OSError, RuntimeError, ValueError) as exc:
             h5.close()
             raise CheckpointError(file.path, f"damaged HDF5 file ({exc})") from None
-        super().__init__(file, layout)
         self._h5 = h5
         # Offsets from h5py are absolute in the file, user block included.
         self._load_tensors(base_offset=0, data_end=file.size)

@@ -5,8 +5,8 @@ Keras keeps weights in HDF5 in all three formats (legacy ``.h5``, ``.weights.h5`
 and where the optimizer state sits. This module knows HDF5, not Keras.
 
 Reading: most tensors Keras writes are contiguous and unfiltered, so their bytes are read
-with ``os.preadv`` straight into a numpy buffer (no HDF5 call per chunk, the GIL released,
-no copy). Anything else (chunked, compressed, compact) is read through h5py by hyperslab.
+raw (``InputFile.readinto``/``readv``) straight into a numpy buffer (no HDF5 call per
+chunk, the GIL released, no copy). Anything else (chunked, compressed, compact) is read through h5py by hyperslab.
 
 Safety: the walk refuses anything that would make a read leave the file (external links,
 soft links, virtual datasets, external raw storage), objects linked twice (cycles), data
@@ -15,18 +15,17 @@ that lies past the end of the file, and declared sizes that dwarf the stored byt
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
 import h5py
-import ml_dtypes
 import numpy as np
 
 from wavg.errors import CheckpointError, UnsafeCheckpoint
 
-BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 IEEE_FLOATS = tuple(
     getattr(h5py.h5t, f"IEEE_F{bits}{order}") for bits in (16, 32, 64) for order in ("LE", "BE")
 )
@@ -34,6 +33,21 @@ IEEE_FLOATS = tuple(
 # (beyond a small floor): real weights barely compress, a fill-value bomb compresses ~1000x.
 MAX_EXPANSION = 64
 EXPANSION_FLOOR_BYTES = 16 << 20
+
+
+@functools.cache
+def bfloat16() -> np.dtype:
+    """numpy's bfloat16 (from ml_dtypes, imported on first use: most models have none, and
+    every import is paid at each start-up)."""
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def __getattr__(name: str) -> np.dtype:
+    if name == "BFLOAT16":  # the constant this module used to export
+        return bfloat16()
+    raise AttributeError(name)
 
 
 @dataclass(frozen=True)
@@ -71,7 +85,7 @@ def numeric_dtype(dtype: np.dtype) -> np.dtype | None:
     if dtype.kind == "f" and dtype.itemsize in (2, 4, 8):
         return dtype
     if dtype.kind == "V" and dtype.itemsize == 2 and dtype.fields is None:
-        return BFLOAT16
+        return bfloat16()
     return None
 
 
@@ -94,41 +108,19 @@ def walk(
     `path` and the object.
     """
     tensors: dict[str, Tensor] = {}
-    seen: set[tuple[int, int]] = set()
     # Bytes declared and stored by the tensors not read raw, over the whole file: many
     # bombs each under the floor must not add up to gigabytes of fill values.
     expanded = [0, 0]
-
-    # h5py's low-level API: the high-level objects cost ~50 us each, which dominates a
-    # model of many small tensors.
-    def visit(group: h5py.h5g.GroupID, prefix: str) -> None:
-        for key in list(group):
-            name = f"{prefix}{key.decode('utf-8', 'replace')}"
-            kind = group.links.get_info(key).type
-            if kind == h5py.h5l.TYPE_EXTERNAL:
-                target = group.links.get_val(key)[0].decode("utf-8", "replace")
-                raise UnsafeCheckpoint(path, f"{name} is an external link to {target}")
-            if kind != h5py.h5l.TYPE_HARD:
-                raise UnsafeCheckpoint(path, f"{name} is a soft link; checkpoints must be plain")
-            obj = h5py.h5o.open(group, key)
-            info = h5py.h5o.get_info(obj)
-            ident = (info.fileno, info.addr)
-            if ident in seen:
-                raise UnsafeCheckpoint(path, f"{name} links to an object seen before (a cycle)")
-            seen.add(ident)
-            if info.type == h5py.h5o.TYPE_GROUP:
-                visit(obj, f"{name}/")
-            elif info.type == h5py.h5o.TYPE_DATASET:
-                tensor, stored = _tensor(path, name, obj, is_averaged, base_offset, data_end)
-                tensors[name] = tensor
-                if tensor.offset is None:
-                    expanded[0] += tensor.nbytes
-                    expanded[1] += stored
-            else:
-                raise UnsafeCheckpoint(path, f"{name} is a named datatype, not a tensor")
-
     try:
-        visit(h5py.h5g.open(h5.id, b"/"), "")
+        root = h5py.h5g.open(h5.id, b"/")
+        datasets = _datasets(root, path)
+        for name, link in datasets.items():
+            dset = h5py.h5d.open(root, link)
+            tensor, stored = _tensor(path, name, dset, is_averaged, base_offset, data_end)
+            tensors[name] = tensor
+            if tensor.offset is None:
+                expanded[0] += tensor.nbytes
+                expanded[1] += stored
     except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(path, f"damaged HDF5 structure ({_reason(exc)})") from None
     declared, stored = expanded
@@ -139,6 +131,55 @@ def walk(
             f"{stored}; refusing a decompression bomb",
         )
     return tensors
+
+
+def _datasets(root: h5py.h5g.GroupID, path: str) -> dict[str, bytes]:
+    """Every dataset of the file: its name and its link path, in link order.
+
+    Refuses a link that is not a plain hard link (external links read other files, soft
+    links can dangle or loop), an object reached by two links (a cycle or an alias), and a
+    named datatype. Two traversals in C (links, then objects) instead of one Python call
+    per object: the per-object cost dominates models of hundreds of small tensors.
+    """
+    links: list[tuple[bytes, int]] = []
+    odd: list[tuple[bytes, int]] = []
+
+    def on_link(name: bytes, info: h5py.h5l.LinkInfo) -> int | None:
+        if info.type != h5py.h5l.TYPE_HARD:
+            odd.append((name, info.type))
+            return 1  # stop the traversal
+        links.append((name, info.u))
+        return None
+
+    root.links.visit(on_link, info=True)
+    if odd:
+        raw, kind = odd[0]
+        name = raw.decode("utf-8", "replace")
+        if kind == h5py.h5l.TYPE_EXTERNAL:
+            target = root.links.get_val(raw)[0].decode("utf-8", "replace")
+            raise UnsafeCheckpoint(path, f"{name} is an external link to {target}")
+        raise UnsafeCheckpoint(path, f"{name} is a soft link; checkpoints must be plain")
+    types: dict[int, int] = {}
+
+    def on_object(name: bytes, info: h5py.h5o.ObjInfo) -> None:
+        types[info.addr] = info.type
+
+    h5py.h5o.visit(root, on_object, info=True)
+    seen = {h5py.h5o.get_info(root).addr}
+    datasets: dict[str, bytes] = {}
+    for raw, address in links:
+        name = raw.decode("utf-8", "replace")
+        if address in seen:
+            raise UnsafeCheckpoint(path, f"{name} links to an object seen before (a cycle)")
+        seen.add(address)
+        kind = types.get(address)
+        if kind == h5py.h5o.TYPE_DATASET:
+            datasets[name] = raw
+        elif kind == h5py.h5o.TYPE_NAMED_DATATYPE:
+            raise UnsafeCheckpoint(path, f"{name} is a named datatype, not a tensor")
+        elif kind != h5py.h5o.TYPE_GROUP:
+            raise CheckpointError(path, f"damaged HDF5 structure (object {name} not found)")
+    return datasets
 
 
 GCOL_SIGNATURE = b"GCOL"
@@ -270,7 +311,7 @@ def confirm_opaque_types(h5: h5py.File, tensors: dict[str, Tensor]) -> None:
     bfloat16 to a copied tensor. Run after `check_global_heaps`: the attribute is a string
     kept in a global heap, which libhdf5 must not parse before that check."""
     for name, tensor in list(tensors.items()):
-        if tensor.averaged and tensor.dtype == BFLOAT16:
+        if tensor.averaged and tensor.storage.kind == "V" and tensor.dtype == bfloat16():
             marker = h5[name].attrs.get("dtype")
             if marker is not None and _text(marker) != "bfloat16":
                 tensors[name] = Tensor(

@@ -5,6 +5,12 @@ not be averaged half-written, so the file's identity (device, inode, size, mtime
 when it is first opened and compared whenever it is reopened and once more at the end.
 With many inputs (1000 files is a supported case) descriptors are not all kept open: the
 caller decides with `keep_open`, and a closed file is reopened for each read.
+
+Every byte wavg reads from an input goes through a byte source's methods, never a raw
+descriptor outside this module (see wavg.checkpoint.remote for another source): `read_at`
+(exact), `readinto` (partial only at the end), optionally `readv` (consecutive bytes into
+several buffers), `will_read` (a hint), `copy_range_to` (into an output), `check_unchanged`
+and `release`. Formats and the averaging core never learn where the bytes came from.
 """
 
 from __future__ import annotations
@@ -18,6 +24,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from wavg.errors import CheckpointError, InputChanged
+
+# Linux's limit on the buffers of one preadv.
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
 
 def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
@@ -115,6 +124,27 @@ class InputFile:
                 if got == 0:
                     break
                 done += got
+        return done
+
+    def readv(self, offset: int, buffers: Sequence) -> int:
+        """Fill `buffers` in order with the consecutive bytes at `offset` (one ``preadv``: a
+        span of many small tensors, the headers between them landing in scratch); returns
+        how many bytes there were (fewer only at the end of the file). `OSError` propagates.
+        Optional for a byte source: without it, the reader calls `readinto` per buffer."""
+        views = [memoryview(b).cast("B") for b in buffers]
+        views = [v for v in views if len(v)]
+        done = 0
+        with self.fd() as fd:
+            while views:
+                got = os.preadv(fd, views[:IOV_MAX], offset + done)
+                if got == 0:
+                    break
+                done += got
+                while views and got >= len(views[0]):
+                    got -= len(views[0])
+                    views.pop(0)
+                if got:
+                    views[0] = views[0][got:]
         return done
 
     def will_read(self, ranges: Sequence[tuple[int, int]], readers: int = 1) -> None:

@@ -77,16 +77,16 @@ class _Checked(io.RawIOBase):
 class KerasCheckpoint(Checkpoint):
     """A ``.keras`` archive whose model.weights.h5 is averaged."""
 
-    def __init__(self, file: InputFile) -> None:
+    def __init__(self, file: InputFile, like: Checkpoint | None = None) -> None:
         super().__init__(file, KERAS_ARCHIVE)
         self.members = _check_members(file)
         info = self.members[WEIGHTS]
         self._weights_info = info
         if info.compress_type == zipfile.ZIP_STORED:
-            self._data_start = _data_start(file, info)
-            self._load_tensors(
-                base_offset=self._data_start, data_end=self._data_start + info.file_size
-            )
+            self._data_start = start = _data_start(file, info)
+            # `like`'s structure when verified byte for byte (see Checkpoint._predict_from).
+            if not self._predict_from(like, start, start + info.file_size):
+                self._load_tensors(base_offset=start, data_end=start + info.file_size)
         else:
             # A re-zipped archive: readable, but only through the zip stream (no raw reads).
             self._data_start = None

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 from wavg.checkpoint.inputfile import Window
 from wavg.errors import CheckpointError, InputChanged, OutputError, UsageError, WavgError
 from wavg.locations import redact
+from wavg.signals import signals_held
 
 PAGE = 32 << 10  # metadata reads are served from pages of this size
 SMALL_READ = 4 * PAGE  # reads up to this size go through the page cache
@@ -254,10 +255,12 @@ class _Prefetcher:
         with self.cond:
             for chunk in chunks:
                 heapq.heappush(self.heap, (chunk.key, next(self._seq), file, chunk))
-            while len(self._threads) < FETCHERS:
-                thread = threading.Thread(target=self._work, name="wavg-fetch", daemon=True)
-                thread.start()
-                self._threads.append(thread)
+            # Held signals: one raised while `Thread.start` waits breaks threading's books.
+            with signals_held():
+                while len(self._threads) < FETCHERS:
+                    thread = threading.Thread(target=self._work, name="wavg-fetch", daemon=True)
+                    thread.start()
+                    self._threads.append(thread)
             self.cond.notify_all()
 
     def _work(self) -> None:
