@@ -101,6 +101,11 @@ def shard_names(index: Path) -> list[str]:
     return list(names)
 
 
+def shard_names_paths(index: Path) -> list[Path]:
+    """The shard files an index names, as paths beside it."""
+    return [index.parent / name for name in shard_names(index)]
+
+
 def sharded_tensors(index: Path) -> dict[str, np.ndarray]:
     """Every dataset of every shard the index names, by name (with plain h5py)."""
     found: dict[str, np.ndarray] = {}

@@ -461,3 +461,36 @@ def test_an_output_url_that_is_an_input_is_refused_before_any_request(s3):
     code, _, err = run_wavg("combine", *urls, "-o", urls[1])
     assert_one_line_error(code, err, "inputs are never overwritten", exit_code=2)
     assert recorder.log == []
+
+
+@pytest.fixture(scope="module")
+def multi(tmp_path_factory, keras_module):
+    import helpers_multifile as hm
+
+    return hm.multi_run(tmp_path_factory.mktemp("multi"))
+
+
+def test_sharded_checkpoints_sharded_differently_are_read_from_the_bucket(s3, multi, tmp_path):
+    import helpers_multifile as hm
+
+    client, recorder = s3
+    files = [i for index in multi.sharded for i in (index, *hm.shard_names_paths(index))]
+    put(client, files, "sharded")
+    local_out, remote_out = tmp_path / "local.weights.json", tmp_path / "remote.weights.json"
+    assert run_wavg("combine", *multi.sharded, "-o", local_out)[0] == 0
+    pattern = f"s3://{BUCKET}/sharded/ep*.weights.json"  # the indexes, not their shards
+    code, out, err = run_wavg("combine", pattern, "-o", remote_out, "--json")
+    assert code == 0, err
+    assert json.loads(out)["bytes_fetched"] == recorder.served("sharded/")[1] > 0
+    local, remote = hm.sharded_tensors(local_out), hm.sharded_tensors(remote_out)
+    assert local.keys() == remote.keys()
+    for name, value in local.items():
+        np.testing.assert_array_equal(remote[name], value, err_msg=name)
+
+    newest = multi.sharded[-1]
+    missing = hm.shard_names(newest)[1]
+    client.delete_object(Bucket=BUCKET, Key=f"sharded/{missing}")
+    failed = tmp_path / "failed.weights.json"
+    code, _, err = run_wavg("combine", pattern, "-o", failed)
+    assert_one_line_error(code, err, newest.name, missing)
+    assert not failed.exists()

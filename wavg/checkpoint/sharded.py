@@ -31,10 +31,7 @@ class ShardedCheckpoint(CompositeCheckpoint):
 
     def __init__(self, index_file: InputFile) -> None:
         path = index_file.path
-        if type(index_file) is not InputFile:
-            raise CheckpointError(
-                path, "sharded checkpoints are read from a local folder only (download it first)"
-            )
+        self._index_file = index_file
         if index_file.size > MAX_INDEX_BYTES:
             raise UnsafeCheckpoint(path, f"the index is over {MAX_INDEX_BYTES >> 20} MB")
         self.index: ShardIndex = parse_index(index_file.read_at(0, index_file.size), path)
@@ -42,10 +39,11 @@ class ShardedCheckpoint(CompositeCheckpoint):
         super().__init__(path, SHARDED_WEIGHTS, [index_file])
         parts: list[tuple[str, H5Checkpoint]] = []
         try:
-            seen: dict[tuple[int, int], str] = {}
+            seen: dict[object, str] = {}
             for name in self.index.shards:
                 file = self._open_shard(name)
-                key = file.identity[:2]
+                # The same local file under two names (hard link); objects differ by name.
+                key = file.identity[:2] if type(file) is InputFile else name
                 if key in seen:
                     file.release()
                     raise UnsafeCheckpoint(path, f"shards {seen[key]} and {name} are one file")
@@ -63,6 +61,13 @@ class ShardedCheckpoint(CompositeCheckpoint):
             raise
 
     def _open_shard(self, name: str) -> InputFile:
+        if type(self._index_file) is not InputFile:
+            # Object storage: a plain name (checked by parse_index) is an object beside the
+            # index; there are no symlinks to follow out of the folder.
+            try:
+                return self._index_file.sibling(name)
+            except CheckpointError as exc:
+                raise type(exc)(self.path, f"shard {name}: {exc.problem}") from None
         folder = Path(self.path).parent
         shard = folder / name
         try:
