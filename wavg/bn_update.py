@@ -32,7 +32,7 @@ import numpy as np
 
 from wavg.checkpoint import Checkpoint, open_checkpoint
 from wavg.checkpoint.layouts import KERAS3_WEIGHTS, KERAS_ARCHIVE, LEGACY_MODEL
-from wavg.checkpoint.rewrite import read_tensor, rewrite_tensors
+from wavg.checkpoint.rewrite import read_tensor, refuse_same_file, rewrite_tensors
 from wavg.data import Dataset, check_inputs_fit, load_data
 from wavg.errors import CheckpointError, UsageError
 
@@ -279,12 +279,7 @@ def _check_paths(avg: Path, out: Path, model: str | os.PathLike[str] | None) -> 
     if not layout.accepts_output(out.name):
         wanted = " or ".join(layout.suffixes)
         raise UsageError(f"output {out} must end in {wanted} for a {layout.name} input")
-    try:
-        same = out.exists() and os.path.samefile(avg, out)
-    except OSError:
-        same = False
-    if same:
-        raise UsageError(f"output {out} is the input {avg}; inputs are never overwritten")
+    refuse_same_file(Path(avg), out)
     check_output_dir(out)
     return layout.name
 

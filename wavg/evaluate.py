@@ -50,7 +50,14 @@ from wavg.model_loading import is_weights_only
 from wavg.onerun import JUMP_LIMIT, SPREAD_LIMIT, not_one_run
 from wavg.ordering import epoch_numbers, order_checkpoints
 from wavg.schemes import DEFAULT_ALPHA, SCHEMES
-from wavg.scoring import Scorer, compiled_model_for, higher_is_better, suffix_of
+from wavg.scoring import (
+    Scorer,
+    check_metric,
+    compiled_model_for,
+    higher_is_better,
+    primary_metric,
+    suffix_of,
+)
 from wavg.soup import Prepare, SubsetScores, bn_preparer, rank
 from wavg.soup import greedy as greedy_soup
 
@@ -89,18 +96,11 @@ class EvaluationResult:
     @property
     def primary_metric(self) -> str:
         """The score tables and plots show: the first compiled metric, else the loss."""
-        others = [m for m in self.metrics if m != "loss"]
-        return others[0] if others else "loss"
+        return primary_metric(self.metrics)
 
     def check_metric(self, metric: str | None) -> str:
         """`metric` if the model reports it (None: the primary metric), else a usage error."""
-        if metric is None:
-            return self.primary_metric
-        if metric not in self.metrics:
-            raise UsageError(
-                f"--metric: the model reports {', '.join(self.metrics)}, not {metric!r}"
-            )
-        return metric
+        return check_metric(metric, self.metrics)
 
     def member(self, n: int) -> Path:
         """The n-th newest checkpoint (n = 1 is the last epoch)."""

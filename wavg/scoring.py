@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from wavg.data import Dataset, check_fits_model
-from wavg.errors import CheckpointError
+from wavg.errors import CheckpointError, UsageError
 
 _HIGHER_IS_BETTER = ("acc", "auc", "precision", "recall", "f1", "iou", "r2")
 
@@ -47,8 +47,7 @@ class Scorer:
     @property
     def primary_metric(self) -> str:
         """The first compiled metric, else the loss."""
-        others = [m for m in self.metric_names if m != "loss"]
-        return others[0] if others else "loss"
+        return primary_metric(self.metric_names)
 
     def predict_file(self, path: Path) -> np.ndarray:
         from wavg.model_loading import load_weights
@@ -110,3 +109,19 @@ def compiled_model_for(
         )
     check_fits_model(dataset, net.input_shape, net.output_shape)
     return net
+
+
+def primary_metric(names: list[str]) -> str:
+    """The score tables, plots and soups use by default: the first compiled metric, else
+    the loss."""
+    others = [m for m in names if m != "loss"]
+    return others[0] if others else "loss"
+
+
+def check_metric(metric: str | None, names: list[str]) -> str:
+    """`metric` if the model reports it (None: the primary one), else a usage error."""
+    if metric is None:
+        return primary_metric(names)
+    if metric not in names:
+        raise UsageError(f"--metric: the model reports {', '.join(names)}, not {metric!r}")
+    return metric

@@ -22,7 +22,7 @@ from wavg.combine import combine as wavg_combine
 from wavg.data import Dataset, check_inputs_fit, load_data, load_validation
 from wavg.errors import UsageError
 from wavg.ordering import epoch_numbers, order_checkpoints
-from wavg.scoring import Scorer, compiled_model_for, higher_is_better, suffix_of
+from wavg.scoring import Scorer, check_metric, compiled_model_for, higher_is_better, suffix_of
 
 SCHEMA = "wavg.soup/1"
 
@@ -220,7 +220,7 @@ def soup(
         dataset = data if isinstance(data, Dataset) else load_validation(data)
         net = compiled_model_for(members, dataset, model, custom_objects, trust)
         scorer = Scorer(net, dataset.x_test, dataset.y_test)
-        metric = _check_metric(metric, scorer)
+        metric = check_metric(metric, scorer.metric_names)
         higher = higher_is_better(metric)
         prepare, bn_name = _recalibration(net, members[-1], bn_data, batch_size)
         scores = SubsetScores(members, scorer, metric, scratch, prepare)
@@ -282,16 +282,6 @@ def _recalibration(
     if bn_data is None:
         return None, None
     return bn_preparer(net, like, bn_data, batch_size)
-
-
-def _check_metric(metric: str | None, scorer: Scorer) -> str:
-    if metric is None:
-        return scorer.primary_metric
-    if metric not in scorer.metric_names:
-        raise UsageError(
-            f"--metric: the model reports {', '.join(scorer.metric_names)}, not {metric!r}"
-        )
-    return metric
 
 
 def _write_soup(files: list[Path], out: Path, scratch: Path, prepare: Prepare | None) -> None:

@@ -37,7 +37,7 @@ def rewrite_tensors(
     untouched.
     """
     out_path = Path(out)
-    _refuse_same_file(Path(src), out_path)
+    refuse_same_file(Path(src), out_path)
     check_output_dir(out_path)
     ckpt = open_checkpoint(os.fspath(src))
     try:
@@ -80,7 +80,9 @@ def _checked_values(ckpt, replacements: Mapping[str, np.ndarray]) -> dict[str, n
     return values
 
 
-def _refuse_same_file(src: Path, out: Path) -> None:
+def refuse_same_file(src: Path, out: Path) -> None:
+    """A usage error if `out` is `src` itself (also through a link): inputs are never
+    overwritten."""
     try:
         same = out.exists() and os.path.samefile(src, out)
     except OSError:
