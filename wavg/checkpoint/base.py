@@ -298,20 +298,9 @@ class Checkpoint:
             self._readv(start, buffers)
 
     def _readv(self, offset: int, buffers: list[np.ndarray]) -> None:
-        """Consecutive bytes at `offset` into `buffers`: one vectored read where the byte
-        source has one (a local file), else one `readinto` per buffer."""
-        readv = getattr(self.file, "readv", None)
+        """Consecutive bytes at `offset` into `buffers` (the byte source's vectored read)."""
         try:
-            if readv is not None:
-                got = readv(offset, buffers)
-            else:
-                got = 0
-                for buffer in buffers:
-                    view = memoryview(buffer).cast("B")
-                    part = self.file.readinto(offset + got, view)
-                    got += part
-                    if part != len(view):
-                        break
+            got = self.file.readv(offset, buffers)
         except OSError as exc:
             raise CheckpointError(self.path, f"read error ({exc.strerror})") from None
         if got != sum(b.nbytes for b in buffers):

@@ -8,8 +8,8 @@ caller decides with `keep_open`, and a closed file is reopened for each read.
 
 Every byte wavg reads from an input goes through a byte source's methods, never a raw
 descriptor outside this module (see wavg.checkpoint.remote for another source): `read_at`
-(exact), `readinto` (partial only at the end), optionally `readv` (consecutive bytes into
-several buffers), `will_read` (a hint), `copy_range_to` (into an output), `check_unchanged`
+(exact), `readinto` (partial only at the end), `readv` (consecutive bytes into several
+buffers), `will_read` (a hint), `copy_range_to` (into an output), `check_unchanged`
 and `release`. Formats and the averaging core never learn where the bytes came from.
 """
 
@@ -129,8 +129,7 @@ class InputFile:
     def readv(self, offset: int, buffers: Sequence) -> int:
         """Fill `buffers` in order with the consecutive bytes at `offset` (one ``preadv``: a
         span of many small tensors, the headers between them landing in scratch); returns
-        how many bytes there were (fewer only at the end of the file). `OSError` propagates.
-        Optional for a byte source: without it, the reader calls `readinto` per buffer."""
+        how many bytes there were (fewer only at the end of the file). `OSError` propagates."""
         views = [memoryview(b).cast("B") for b in buffers]
         views = [v for v in views if len(v)]
         done = 0

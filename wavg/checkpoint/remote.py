@@ -477,6 +477,19 @@ class RemoteFile:
             self._read_plain(pos, buffer[pos - offset : end - offset])
         return end - offset
 
+    def readv(self, offset: int, buffers: Sequence) -> int:
+        """Fill `buffers` in order from `offset` (less only at the end of the object). One
+        `readinto` each: ranged requests have no vectored form, and planned chunks already
+        span the run."""
+        done = 0
+        for buffer in buffers:
+            view = memoryview(buffer).cast("B")
+            part = self.readinto(offset + done, view)
+            done += part
+            if part != len(view):
+                break
+        return done
+
     def _read_plain(self, pos: int, view: memoryview) -> None:
         if len(view) > SMALL_READ:
             view[:] = self.fetch(pos, pos + len(view))
