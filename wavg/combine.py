@@ -211,12 +211,11 @@ def run_plan(
     out_location = as_location(out)
     check_policy(quantized)
     _refuse_output_among_inputs(out_location, plan.inputs)
-    opened: dict[int, Checkpoint] = {}
+    inputs: list[Checkpoint] = []  # filled as they open, so a failure closes those opened
     with staged_output(out_location) as out_path:
         check_output_parent(out_path)  # what the output may be is the format's to say, once opened
         try:
-            _open_inputs(plan.inputs, opened)
-            inputs = [opened[i] for i in range(len(plan.inputs))]
+            _open_inputs(plan.inputs, inputs)
             newest = inputs[-1]
             requantizer = plan_quantized(inputs, plan.raw_weights, quantized, block_items)
             _check_compatible(inputs, out_path)
@@ -262,26 +261,25 @@ def run_plan(
                     requantizer,
                 )
         finally:
-            for ckpt in opened.values():
+            for ckpt in inputs:
                 ckpt.close()
-        summary.bytes_fetched = sum(c.file.bytes_fetched for c in opened.values())
-        summary.requests = sum(c.file.requests for c in opened.values())
+        summary.bytes_fetched = sum(c.file.bytes_fetched for c in inputs)
+        summary.requests = sum(c.file.requests for c in inputs)
     summary.seconds = time.perf_counter() - started
     return summary
 
 
-def _open_inputs(paths: list, opened: dict[int, Checkpoint]) -> None:
-    """Open every input into `opened` (by index), in order, so the first problem found is
+def _open_inputs(paths: list, opened: list[Checkpoint]) -> None:
+    """Open every input into `opened`, in order, so the first problem found is
     the oldest input's. The oldest and the newest are walked and checked in full (the
     newest's structure becomes the output's); each input between them is verified against
     the oldest's checked structure rather than walked again (see Checkpoint._predict_from).
     """
     keep_open = len(paths) <= _descriptor_budget()
     newest = len(paths) - 1
-    for i in range(len(paths)):
-        like = opened.get(0) if 0 < i < newest else None
-        ckpt = open_checkpoint(paths[i], like=like)
-        opened[i] = ckpt
+    for i, path in enumerate(paths):
+        ckpt = open_checkpoint(path, like=opened[0] if 0 < i < newest else None)
+        opened.append(ckpt)
         ckpt.trim()
         if not keep_open:
             ckpt.file.keep_open = False
@@ -516,12 +514,14 @@ def _ordered_blocks(
     run: list[Tensor] = []
     for tensor in tensors:
         if requantizer.owns(tensor.name):
-            yield from averager.blocks(plan_units(newest, run, block_items))
+            if run:  # (each call starts a pool: none for the empty run between two layers)
+                yield from averager.blocks(plan_units(newest, run, block_items))
             run = []
             yield from requantizer.blocks(tensor)
         else:
             run.append(tensor)
-    yield from averager.blocks(plan_units(newest, run, block_items))
+    if run:
+        yield from averager.blocks(plan_units(newest, run, block_items))
 
 
 def _started_pool(workers: int) -> ThreadPoolExecutor:
