@@ -108,12 +108,7 @@ class OrbaxStep(Checkpoint):
     def _check_locations(self) -> None:
         """Every node and value of the OCDBT tree must lie in a file inside the step."""
         kv = self.ts.KvStore.open(self.kvstore["base"], context=self.context).result()
-        try:
-            manifest = self.ts.ocdbt.dump(kv).result()
-        except WavgError:
-            raise  # an interruption (SIGINT/SIGTERM) raised while TensorStore waited
-        except Exception as exc:
-            raise CheckpointError(self.path, f"damaged OCDBT manifest ({_message(exc)})") from None
+        manifest = _result(self.ts.ocdbt.dump(kv), self.path, "damaged OCDBT manifest")
         pending = list(_locations(manifest))
         seen: set[str] = set()
         while pending:
@@ -122,14 +117,9 @@ class OrbaxStep(Checkpoint):
             if kind != "btreenode" or location in seen:
                 continue
             seen.add(location)
-            try:
-                node = self.ts.ocdbt.dump(kv, location).result()
-            except WavgError:
-                raise  # an interruption (SIGINT/SIGTERM) raised while TensorStore waited
-            except Exception as exc:
-                raise CheckpointError(
-                    self.path, f"damaged OCDBT node in {file} ({_message(exc)})"
-                ) from None
+            node = _result(
+                self.ts.ocdbt.dump(kv, location), self.path, f"damaged OCDBT node in {file}"
+            )
             pending.extend(_locations(node))
 
     def _start_open(self, name: str) -> Any:
@@ -137,14 +127,7 @@ class OrbaxStep(Checkpoint):
         return self.ts.open(spec, open=True, read=True, context=self.context)
 
     def _open_array(self, name: str, opening: Any) -> Tensor:
-        try:
-            store = opening.result()
-        except WavgError:
-            raise  # an interruption (SIGINT/SIGTERM) raised while TensorStore waited
-        except Exception as exc:
-            raise CheckpointError(
-                self.path, f"array {name}: missing or damaged ({_message(exc)})"
-            ) from None
+        store = _result(opening, self.path, f"array {name}: missing or damaged")
         storage = np.dtype(store.dtype.numpy_dtype)
         shape = tuple(int(n) for n in store.domain.shape)
         if any(lo != 0 for lo in store.domain.inclusive_min):
@@ -180,14 +163,7 @@ class OrbaxStep(Checkpoint):
         return self.stores[tensor.name][slices].read()
 
     def finish_read(self, tensor: Tensor, slices: tuple[slice, ...], reading: Any) -> np.ndarray:
-        try:
-            data = reading.result()
-        except WavgError:
-            raise  # an interruption (SIGINT/SIGTERM) raised while TensorStore waited
-        except Exception as exc:
-            raise CheckpointError(
-                self.path, f"cannot read array {tensor.name} ({_message(exc)})"
-            ) from None
+        data = _result(reading, self.path, f"cannot read array {tensor.name}")
         flat = np.ascontiguousarray(data).reshape(-1)
         count = math.prod(s.stop - s.start for s in slices)
         if flat.size != count or flat.dtype != tensor.storage:
@@ -415,6 +391,17 @@ def _ts_call(call: Callable[[], Any]) -> Any:
         raise  # an interruption (SIGINT/SIGTERM) raised while TensorStore waited
     except Exception as exc:
         raise OSError(errno.EIO, _message(exc)) from None
+
+
+def _result(future: Any, path: str, problem: str) -> Any:
+    """What a TensorStore future gives; its failure is a `CheckpointError` naming `path`
+    and `problem` (with TensorStore's reason), an interruption passes through as it is."""
+    try:
+        return future.result()
+    except WavgError:
+        raise  # an interruption (SIGINT/SIGTERM) raised while TensorStore waited
+    except Exception as exc:
+        raise CheckpointError(path, f"{problem} ({_message(exc)})") from None
 
 
 def _read_json(path: Path, step: str) -> dict:
