@@ -39,6 +39,7 @@ from pathlib import Path
 from wavg.atomic import (
     TMP_MARKER,
     check_output_dir,
+    check_output_parent,
     fsync_directory,
     process_alive,
     remove_stale_temps,
@@ -319,11 +320,7 @@ def _unlink(path: Path) -> None:
 
 def check_output_folder(out: Path) -> None:
     """Fail before any input is read if `out` cannot become a model folder wavg may replace."""
-    directory = out.parent
-    if not directory.exists():
-        raise OutputError(out, f"directory {directory} does not exist")
-    if not directory.is_dir():
-        raise OutputError(out, f"{directory} is not a directory")
+    check_output_parent(out)
     if not os.path.lexists(out):
         return
     if not out.is_dir():
