@@ -271,14 +271,15 @@ def run_plan(
 
 def _open_inputs(paths: list, opened: list[Checkpoint]) -> None:
     """Open every input into `opened`, in order, so the first problem found is
-    the oldest input's. The oldest and the newest are walked and checked in full (the
-    newest's structure becomes the output's); each input between them is verified against
-    the oldest's checked structure rather than walked again (see Checkpoint._predict_from).
+    the oldest input's. The oldest is walked and checked in full; every other input, the
+    newest included, is verified against the oldest's checked structure rather than walked
+    again, and walked only when that comparison fails (see Checkpoint._predict_from). The
+    newest's structure becomes the output's either way: a predicted one is the oldest's,
+    byte for byte outside the tensors' values.
     """
     keep_open = len(paths) <= _descriptor_budget()
-    newest = len(paths) - 1
     for i, path in enumerate(paths):
-        ckpt = open_checkpoint(path, like=opened[0] if 0 < i < newest else None)
+        ckpt = open_checkpoint(path, like=opened[0] if i > 0 else None)
         opened.append(ckpt)
         ckpt.trim()
         if not keep_open:
