@@ -622,7 +622,7 @@ class BlockAverager:
             diff_dtype = np.float64 if unit.dtype == np.float64 else np.float32
             reference = _sample(newest).astype(diff_dtype)
             diff = np.empty_like(reference)
-            distances[-1] = np.dot(reference.ravel(), reference.ravel())
+            distances[-1] = _squared_norm(reference, diff)
         for i, (ckpt, w) in enumerate(self.members):
             if i == last and compare:
                 block = newest
@@ -630,7 +630,7 @@ class BlockAverager:
                 block = unit.read(ckpt, scratch)
                 if compare:
                     np.subtract(_sample(block), reference, out=diff, dtype=diff_dtype)
-                    distances[i] = np.dot(diff.ravel(), diff.ravel())
+                    distances[i] = _squared_norm(diff, diff)
             total += acc_dtype(w)
             if w == 1.0:
                 if i == 0:
@@ -670,6 +670,16 @@ class BlockAverager:
         raise CheckpointError(
             self.members[-1][0].path, f"the average of tensor {names} is not finite"
         )
+
+
+def _squared_norm(values: np.ndarray, scratch: np.ndarray) -> float:
+    """The sum of squares of `values` (`scratch`, of its shape, may be `values` itself).
+
+    Not ``np.dot``: that is BLAS, and OpenBLAS's threads spin-wait after each call, taking
+    the cores from the averaging workers (17% of the CPU time on ResNet50 checkpoints).
+    """
+    np.multiply(values, values, out=scratch)
+    return float(scratch.sum(dtype=np.float64))
 
 
 def _sample(values: np.ndarray) -> np.ndarray:
