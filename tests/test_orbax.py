@@ -430,3 +430,23 @@ def test_sigterm_while_writing_leaves_no_output_and_no_temporary_root(runs, tmp_
         else:
             assert proc.returncode == 143, stderr
             assert "Traceback" not in stderr and not out.exists(), stderr
+
+
+def test_chunks_larger_than_a_block_are_averaged_alone_with_weights_in_float64(runs, tmp_path):
+    """A chunk of more items than a block (every Orbax array here, with 4-item blocks) is
+    averaged alone, its weighted terms added a block at a time: the result is still the
+    float64 weighted mean rounded once."""
+    from wavg.combine import plan_combine, run_plan
+
+    root = runs / "jax" / "functional"
+    steps = [root / str(i) for i in (1, 2, 3)]
+    plan = plan_combine([str(s) for s in steps], scheme="linear")
+    summary = run_plan(plan, tmp_path / "out", block_items=4)
+    assert summary.tensors > 0
+    for name in _names(steps[-1]):
+        if not name.split(".")[0].endswith("trainable_variables"):
+            continue
+        arrays = [_array(step, name) for step in steps]
+        stacked = np.stack([a.astype(np.float64) for a in arrays])
+        expected = np.average(stacked, axis=0, weights=plan.raw_weights).astype(arrays[0].dtype)
+        np.testing.assert_array_equal(_array(tmp_path / "out" / "3", name), expected, name)

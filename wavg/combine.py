@@ -62,9 +62,9 @@ WORKERS = 2
 # far more finely than the 25% limit needs. Measured cost: see README, Performance.
 DISTANCE_STRIDE = 32
 SAMPLE_ROW = 1024
-# ... in 1 large unit in UNIT_STRIDE (every small one): a compared unit holds the newest's
-# block in its own buffer until the sum reaches it, one more pass over memory (measured:
-# ~10% of the averaging's CPU when every unit was compared).
+# ... in 1 large unit in UNIT_STRIDE (every small one): a compared unit copies each input's
+# sample until the newest's arrives (measured, when the newest's whole block was held
+# instead: ~10% of the averaging's CPU when every unit was compared).
 UNIT_STRIDE = 4
 _EXTENDED = np.longdouble if np.finfo(np.longdouble).nmant > 52 else np.float64
 
@@ -575,8 +575,14 @@ class BlockAverager:
         try:
             for index, unit in enumerate(units):
                 compare = index % UNIT_STRIDE == 0 or unit.count < DISTANCE_STRIDE * SAMPLE_ROW
+                # A unit larger than a block is a whole chunk of a chunked format (an Orbax
+                # shard): it runs alone and is written before the next one is read, so memory
+                # stays at one chunk's sum, read and output whatever the model holds.
+                alone = unit.count > self.block_items
+                while alone and pending:
+                    yield from self._collect(pending.popleft())
                 pending.append(pool.submit(self._average, unit, compare))
-                if len(pending) > WORKERS:
+                if alone or len(pending) > WORKERS:
                     yield from self._collect(pending.popleft())
             while pending:
                 yield from self._collect(pending.popleft())
@@ -588,63 +594,70 @@ class BlockAverager:
         self.distances += distances
         return pieces
 
-    def _buffers(
-        self, dtype: type, count: int
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """This thread's sum, term, read and newest-read buffers, reused from unit to unit."""
+    def _buffers(self, dtype: type, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Sum, term and read buffers for a unit of `count` items.
+
+        Up to `block_items` items they are this thread's, reused from unit to unit. A larger
+        unit (a whole chunk of a chunked format) gets a sum and a read buffer of its own,
+        freed with it, so that no worker keeps the largest chunk's float64 sum for the rest
+        of the run; the term buffer is used `block_items` items at a time either way.
+        """
         cache = self._local.__dict__.setdefault("buffers", {})
-        size = max(count, self.block_items)
         found = cache.get(dtype)
-        if found is None or found[0].size < count:
-            found = (
-                np.empty(size, dtype),
-                np.empty(size, dtype),
-                np.empty(size * 8, np.uint8),
-                np.empty(size * 8 if len(self.members) > 1 else 0, np.uint8),
-            )
+        if found is None:
+            size = self.block_items
+            found = (np.empty(size, dtype), np.empty(size, dtype), np.empty(size * 8, np.uint8))
             cache[dtype] = found
-        return found
+        if count <= self.block_items:
+            return found
+        return np.empty(count, dtype), found[1], np.empty(count * 8, np.uint8)
 
     def _average(
         self, unit: Unit, compare: bool
     ) -> tuple[list[tuple[Tensor, int, np.ndarray]], np.ndarray]:
         """Average `unit`; with `compare`, also measure each input's distance to the newest
-        on a sample of it (see `DISTANCE_STRIDE`)."""
+        on a sample of it (see `DISTANCE_STRIDE`).
+
+        Each input's block is added to the float64 sum as it is read and dropped before the
+        next read (a chunked format hands over a fresh array per read); the compared
+        samples (1/`DISTANCE_STRIDE` of a large unit) are kept until the newest's arrives
+        last, so no input's whole block waits for it.
+        """
         count = unit.count
         acc_dtype = _EXTENDED if unit.dtype == np.float64 else np.float64
-        acc_buf, term_buf, scratch, newest_scratch = self._buffers(acc_dtype, count)
-        acc, term = acc_buf[:count], term_buf[:count]
+        acc_buf, term_buf, scratch = self._buffers(acc_dtype, count)
+        acc = acc_buf[:count]
         total = acc_dtype(0)
         last = len(self.members) - 1
         distances = np.zeros(last + 2)
         compare = compare and last > 0
-        if compare:
-            # The newest first, into its own buffer, so each other input can be compared
-            # with it as it streams past (no second read); the sum keeps input order.
-            newest = unit.read(self.members[last][0], newest_scratch)
-            diff_dtype = np.float64 if unit.dtype == np.float64 else np.float32
-            reference = _sample(newest).astype(diff_dtype)
-            diff = np.empty_like(reference)
-            distances[-1] = _squared_norm(reference, diff)
+        diff_dtype = np.float64 if unit.dtype == np.float64 else np.float32
+        samples: list[np.ndarray] = []
         for i, (ckpt, w) in enumerate(self.members):
-            if i == last and compare:
-                block = newest
-            else:
-                block = unit.read(ckpt, scratch)
-                if compare:
-                    np.subtract(_sample(block), reference, out=diff, dtype=diff_dtype)
-                    distances[i] = _squared_norm(diff, diff)
+            block = unit.read(ckpt, scratch)
+            if compare:
+                samples.append(_sample(block).astype(diff_dtype).ravel())
             total += acc_dtype(w)
-            if w == 1.0:
-                if i == 0:
+            if i == 0:
+                if w == 1.0:
                     np.copyto(acc, block)
                 else:
-                    np.add(acc, block, out=acc)
-            elif i == 0:
-                np.multiply(block, acc_dtype(w), out=acc)
+                    np.multiply(block, acc_dtype(w), out=acc)
+            elif w == 1.0:
+                np.add(acc, block, out=acc)
             else:
-                np.multiply(block, acc_dtype(w), out=term)
-                np.add(acc, term, out=acc)
+                for lo in range(0, count, term_buf.size):
+                    hi = min(count, lo + term_buf.size)
+                    term = term_buf[: hi - lo]
+                    np.multiply(block[lo:hi], acc_dtype(w), out=term)
+                    np.add(acc[lo:hi], term, out=acc[lo:hi])
+            del block  # before the next read: a chunk may be all of a large array
+        if compare:
+            reference = samples[-1]
+            for i, sample in enumerate(samples[:-1]):
+                np.subtract(sample, reference, out=sample)
+                distances[i] = _squared_norm(sample, sample)
+            distances[-1] = _squared_norm(reference, reference)
         acc /= total
         # A sum is finite exactly when every term is (no overflow: |values| <= dtype max).
         if not self.allow_nonfinite and not np.isfinite(acc.sum()):

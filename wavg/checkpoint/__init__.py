@@ -39,14 +39,26 @@ __all__ = [
 def expand_checkpoint_dirs(locations: list[Location]) -> tuple[list[Location], list[str]]:
     """The checkpoints that `locations` name, and warnings about entries skipped.
 
-    A local directory of checkpoints (an OrbaxCheckpoint root) stands for its committed
-    steps, oldest first; every other location stands for itself. Reads listings only.
+    A directory of checkpoints (an OrbaxCheckpoint root) stands for its committed steps,
+    oldest first, locally or in a bucket (an s3:// or gs:// URL is listed once through
+    TensorStore when it is installed: a root or step becomes `StepUrl`s, anything else is
+    an object); every other location stands for itself. Reads listings only.
     """
     found: list[Location] = []
     warnings: list[str] = []
     for location in locations:
         if isinstance(location, Url):
-            found.append(location)
+            expanded = None
+            if not isinstance(location, orbax_steps.StepUrl):
+                from wavg.checkpoint import orbax_remote
+
+                if orbax_remote.handles(location.url):
+                    expanded = orbax_remote.expand_url(location.url)
+            if expanded is None:
+                found.append(location)
+            else:
+                found.extend(expanded[0])
+                warnings.extend(expanded[1])
             continue
         steps, skipped = orbax_steps.expand_inputs([os.fspath(location)])
         found.extend(Path(step) for step in steps)
@@ -107,11 +119,14 @@ def open_checkpoint(
     `like`, an open checkpoint likely of the same run (another input), lets a format verify
     that this file has its structure instead of walking it afresh.
     """
-    # Orbax: a local step directory, recognised by its content (roots are expanded earlier).
-    if not isinstance(path, Url) and orbax_steps.is_step(path):
+    # Orbax: a local step directory, recognised by its content, or a step in a bucket found
+    # by listing it (roots are expanded earlier, see `expand_checkpoint_dirs`).
+    if isinstance(path, orbax_steps.StepUrl) or (
+        not isinstance(path, Url) and orbax_steps.is_step(path)
+    ):
         from wavg.checkpoint.orbax import OrbaxStep
 
-        return OrbaxStep(os.fspath(path))
+        return OrbaxStep(path if isinstance(path, Url) else os.fspath(path))
     folder = _open_folder(path)
     if folder is not None:
         return folder

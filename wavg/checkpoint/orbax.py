@@ -18,7 +18,7 @@ import shutil
 from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -26,21 +26,26 @@ from wavg.atomic import fsync_directory, process_alive, temp_prefix
 from wavg.checkpoint.base import Checkpoint, Writer
 from wavg.checkpoint.hdf5 import BFLOAT16, EXPANSION_FLOOR_BYTES, MAX_EXPANSION, Tensor
 from wavg.checkpoint.layouts import Layout
-from wavg.checkpoint.orbax_steps import COMMIT_MARKER, PYTREE, StepFiles
+from wavg.checkpoint.orbax_steps import COMMIT_MARKER, PYTREE, StepFiles, StepUrl
 from wavg.checkpoint.quantized import HINT as QUANTIZED_HINT
 from wavg.checkpoint.quantized import QuantizedCheckpoint
+from wavg.checkpoint.remote import scrub
 from wavg.errors import (
     CheckpointError,
     CheckpointMismatch,
+    InputChanged,
     OutputError,
     UnsafeCheckpoint,
     WavgError,
 )
 from wavg.signals import signals_held
 
+if TYPE_CHECKING:
+    from wavg.checkpoint.orbax_remote import RemoteStepFiles
+
 AVERAGED_GROUPS = ("trainable_variables", "non_trainable_variables")
 OPTIMIZER_GROUP = "optimizer_variables"
-MODEL_CONFIG = Path("model_config") / "_strings.json"
+MODEL_CONFIG = "model_config/_strings.json"
 # Bytes of output blocks staged in memory before they are committed to the output store.
 WRITE_BATCH_BYTES = 64 << 20
 _PYTREE_METADATA = ("_METADATA", "_sharding", "array_metadatas")
@@ -66,7 +71,9 @@ def _tensorstore(path: str) -> Any:
 
 
 def _message(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:300] or type(exc).__name__
+    """TensorStore's reason on one line, short, without URL secrets or credentials (a
+    remote step's errors carry the server's answer)."""
+    return scrub(exc) if str(exc).strip() else type(exc).__name__
 
 
 class OrbaxStep(Checkpoint):
@@ -74,21 +81,29 @@ class OrbaxStep(Checkpoint):
 
     output_to_url = False  # a bucket needs commit_success.txt last: not supported yet
 
-    def __init__(self, path: str) -> None:
-        super().__init__(StepFiles(path), ORBAX)
-        self.ts = _tensorstore(path)
-        self.context = self.ts.Context({"cache_pool": {"total_bytes_limit": 0}})
-        self.root = Path(path)
-        self.config = _read_optional(self.root / MODEL_CONFIG)
-        pytree = self.root / PYTREE
-        meta = _read_json(pytree / "_METADATA", path)
+    def __init__(self, path: str | StepUrl) -> None:
+        ts = _tensorstore(str(path))
+        if isinstance(path, StepUrl):
+            from wavg.checkpoint.orbax_remote import RemoteStepFiles
+
+            files: StepFiles | RemoteStepFiles = RemoteStepFiles(path.url)
+        else:
+            files = StepFiles(path)
+        super().__init__(files, ORBAX)
+        self.ts = ts
+        self.files = files
+        self.context = ts.Context({"cache_pool": {"total_bytes_limit": 0}, **files.context()})
+        self.config = files.read(MODEL_CONFIG)
+        meta = _read_json(files, f"{PYTREE}/_METADATA", self.path)
         if meta.get("use_ocdbt") is not True or meta.get("use_zarr3") is not True:
             raise CheckpointError(
-                path, "is an Orbax step without OCDBT/zarr3 storage; wavg reads only those"
+                self.path, "is an Orbax step without OCDBT/zarr3 storage; wavg reads only those"
             )
-        self.names = _array_names(meta, path)
-        self.kvstore = {"driver": "ocdbt", "base": _file_kvstore(pytree)}
-        self._check_locations()
+        self.names = _array_names(meta, self.path)
+        self.kvstore = {"driver": "ocdbt", "base": files.kvstore(PYTREE)}
+        stored = self._check_locations()
+        if not isinstance(files, StepFiles):
+            files.size = stored  # what TensorStore may read: the tree and the values it names
         self.stores: dict[str, Any] = {}
         self.chunks: dict[str, tuple[int, ...]] = {}
         # Opened all at once: each open reads a zarr.json, and TensorStore overlaps them.
@@ -99,27 +114,37 @@ class OrbaxStep(Checkpoint):
         declared = sum(t.nbytes for t in self.tensors.values())
         if declared > EXPANSION_FLOOR_BYTES and declared > MAX_EXPANSION * self.file.size:
             raise UnsafeCheckpoint(
-                path,
+                self.path,
                 f"its arrays declare {declared} bytes but the step stores only "
                 f"{self.file.size}; refusing a decompression bomb",
             )
 
-    def _check_locations(self) -> None:
-        """Every node and value of the OCDBT tree must lie in a file inside the step."""
-        kv = self.ts.KvStore.open(self.kvstore["base"], context=self.context).result()
+    def _check_locations(self) -> int:
+        """Every node and value of the OCDBT tree must lie in a file inside the step.
+        Returns the bytes the tree's nodes and values take."""
+        kv = _result(
+            self.ts.KvStore.open(self.kvstore["base"], context=self.context),
+            self.path,
+            "cannot open its OCDBT store",
+        )
         manifest = _result(self.ts.ocdbt.dump(kv), self.path, "damaged OCDBT manifest")
         pending = list(_locations(manifest))
         seen: set[str] = set()
+        stored = 0
         while pending:
             location = pending.pop()
             kind, file = _parse_location(location, self.path)
-            if kind != "btreenode" or location in seen:
+            if location in seen:
                 continue
             seen.add(location)
+            stored += _location_length(location)
+            if kind != "btreenode":
+                continue
             node = _result(
                 self.ts.ocdbt.dump(kv, location), self.path, f"damaged OCDBT node in {file}"
             )
             pending.extend(_locations(node))
+        return stored
 
     def _start_open(self, name: str) -> Any:
         spec = {"driver": "zarr3", "kvstore": {**self.kvstore, "path": f"{name}/"}}
@@ -234,8 +259,8 @@ class OrbaxWriter(Writer):
     ) -> None:
         self.template = template
         self.root = tmp_root
-        self.final_step = out / template.root.name
-        self.step = tmp_root / template.root.name
+        self.final_step = out / template.files.name
+        self.step = tmp_root / template.files.name
         self.stores: dict[str, Any] = {}
         # Writes are staged in a transaction and committed every WRITE_BATCH_BYTES: each
         # OCDBT commit writes a new B-tree, so one commit per small array would be slow and
@@ -254,7 +279,7 @@ class OrbaxWriter(Writer):
     def _start(self, kept: list[str]) -> None:
         """Lay out the step: metadata, every array created, the copied arrays written."""
         template, ts = self.template, self._ts
-        _copy_metadata(template.root, self.step, set(kept))
+        _copy_metadata(template.files, self.step, set(kept))
         self.context = ts.Context()
         base = {
             "driver": "ocdbt",
@@ -403,23 +428,18 @@ def _result(future: Any, path: str, problem: str) -> Any:
         raise CheckpointError(path, f"{problem} ({_message(exc)})") from None
 
 
-def _read_json(path: Path, step: str) -> dict:
+def _read_json(files: StepFiles | RemoteStepFiles, key: str, step: str) -> dict:
+    name = key.rsplit("/", 1)[-1]
     try:
-        data = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        raise CheckpointError(step, f"{path.name} is missing (not a complete Orbax step)") from None
+        raw = files.read(key)
+        if raw is None:
+            raise CheckpointError(step, f"{name} is missing (not a complete Orbax step)")
+        data = json.loads(raw)
     except (OSError, ValueError) as exc:
-        raise CheckpointError(step, f"{path.name} is damaged ({_message(exc)})") from None
+        raise CheckpointError(step, f"{name} is damaged ({_message(exc)})") from None
     if not isinstance(data, dict):
-        raise CheckpointError(step, f"{path.name} is damaged (not a JSON object)")
+        raise CheckpointError(step, f"{name} is damaged (not a JSON object)")
     return data
-
-
-def _read_optional(path: Path) -> bytes | None:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        return None
 
 
 def _array_names(meta: dict, step: str) -> list[str]:
@@ -479,6 +499,12 @@ def _locations(node: Any) -> Iterator[str]:
             yield from _locations(item)
 
 
+def _location_length(location: str) -> int:
+    """The byte count a parsed ``<kind>:<base>:<relative>:<offset>:<length>`` names."""
+    length = location.rsplit(":", 1)[-1]
+    return int(length) if length.isdigit() else 0
+
+
 def _parse_location(location: str, step: str) -> tuple[str, str]:
     """``<kind>:<base path>:<relative path>:<offset>:<length>`` -> kind and file; the file
     must be a plain relative path inside the store."""
@@ -503,23 +529,24 @@ def _ocdbt_config(template: OrbaxStep) -> dict:
     return config
 
 
-def _copy_metadata(source: Path, step: Path, kept: set[str]) -> None:
-    """Copy the step's metadata files; the tree, sharding and array lists keep `kept` only."""
+def _copy_metadata(files: StepFiles | RemoteStepFiles, step: Path, kept: set[str]) -> None:
+    """Copy the step's metadata files; the tree, sharding and array lists keep `kept` only.
+    (The keys are plain relative paths: `StepFiles` walks the directory, and
+    `RemoteStepFiles` refuses any other name.)"""
     step.mkdir()
-    for path in sorted(source.rglob("*")):
-        relative = path.relative_to(source)
-        parts = relative.parts
+    for key in files.file_keys():
+        parts = key.split("/")
         if parts[0] == PYTREE and len(parts) > 1 and parts[1] not in _PYTREE_METADATA:
             continue  # the OCDBT store itself is written anew
-        if path.name == COMMIT_MARKER:
+        if parts[-1] == COMMIT_MARKER:
             continue  # written last, by finish()
-        target = step / relative
-        if path.is_dir():
-            target.mkdir(exist_ok=True)
-            continue
-        data = path.read_bytes()
+        data = files.read(key)
+        if data is None:
+            raise InputChanged(files.path, "changed while it was being read")
         if parts[0] == PYTREE:
             data = _filter_metadata(parts[-1], parts[1], data, kept)
+        target = step.joinpath(*parts)
+        target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data)
     (step / PYTREE).mkdir(exist_ok=True)
 

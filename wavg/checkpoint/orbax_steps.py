@@ -13,11 +13,19 @@ import stat
 from pathlib import Path
 
 from wavg.errors import CheckpointError, InputChanged, UnsafeCheckpoint
+from wavg.locations import Url
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
 COMMIT_MARKER = "commit_success.txt"
 STEP_METADATA = "_CHECKPOINT_METADATA"
 PYTREE = "pytree"
+
+
+class StepUrl(Url):
+    """A URL found (by listing its bucket) to name one Orbax step: `open_checkpoint` reads
+    it through TensorStore's kvstore drivers instead of as one object."""
+
+    __slots__ = ()
 
 
 def is_step(path: str | os.PathLike[str]) -> bool:
@@ -55,16 +63,22 @@ def expand_inputs(paths: list[str]) -> tuple[list[str], list[str]]:
             continue
         steps, skipped = committed_steps(Path(path))
         warnings.extend(skipped)
-        if len(steps) < 2:
-            found = f" ({steps[0].name})" if steps else ""
-            raise CheckpointError(
-                path,
-                f"holds {len(steps)} committed Orbax step(s){found}; averaging needs two or "
-                "more: train with OrbaxCheckpoint(..., max_to_keep=N) to keep the last N "
-                "(its default max_to_keep=1 keeps only the newest)",
-            )
+        check_enough(path, [step.name for step in steps])
         expanded.extend(os.fspath(step) for step in steps)
     return expanded, warnings
+
+
+def check_enough(root: str, steps: list[str]) -> None:
+    """Refuse a root with fewer than two committed steps: there is nothing to average, and
+    the usual cause is OrbaxCheckpoint's default ``max_to_keep=1``."""
+    if len(steps) < 2:
+        found = f" ({steps[0]})" if steps else ""
+        raise CheckpointError(
+            root,
+            f"holds {len(steps)} committed Orbax step(s){found}; averaging needs two or "
+            "more: train with OrbaxCheckpoint(..., max_to_keep=N) to keep the last N "
+            "(its default max_to_keep=1 keeps only the newest)",
+        )
 
 
 def committed_steps(root: Path) -> tuple[list[Path], list[str]]:
@@ -139,6 +153,31 @@ class StepFiles:
                 else:
                     raise UnsafeCheckpoint(entry.path, "is not a regular file")
         return found
+
+    @property
+    def name(self) -> str:
+        """The step's number, as its directory is named."""
+        return os.path.basename(self.path.rstrip(os.sep))
+
+    def file_keys(self) -> list[str]:
+        """The step's files, relative to it, with ``/`` separators, sorted."""
+        return sorted(Path(p).relative_to(self.path).as_posix() for p in self.identity)
+
+    def read(self, key: str) -> bytes | None:
+        """The bytes of the step's file `key`, or None if it does not exist."""
+        try:
+            return (Path(self.path) / key).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def kvstore(self, key: str) -> dict:
+        """A TensorStore kvstore spec for the step's directory `key` (a JSON spec, not a
+        URL: a URL would percent-decode a path holding ``%`` or stop at a ``#``)."""
+        return {"driver": "file", "path": f"{(Path(self.path) / key).resolve()}/"}
+
+    def context(self) -> dict:
+        """TensorStore context resources the step's kvstore needs (none, locally)."""
+        return {}
 
     def check_unchanged(self) -> None:
         """Raise `InputChanged` if any file of the step was added, removed or rewritten."""
