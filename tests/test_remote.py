@@ -140,29 +140,6 @@ def keys(client, prefix: str) -> list[str]:
     return sorted(o["Key"] for o in listing.get("Contents", []))
 
 
-@pytest.fixture(scope="module")
-def big(tmp_path_factory, keras_module):
-    """Three .weights.h5 checkpoints of ~1.3 MB of weights plus twice that in Adam state."""
-    keras = keras_module
-    model = keras.Sequential(
-        [keras.Input((256,)), keras.layers.Dense(640), keras.layers.Dense(256)]
-    )
-    model.compile(optimizer="adam", loss="mse")
-    model.optimizer.build(model.trainable_variables)
-    rng = np.random.default_rng(3)
-    directory = tmp_path_factory.mktemp("big")
-    files = []
-    for epoch in range(3):
-        model.set_weights([rng.standard_normal(w.shape).astype("float32") for w in model.weights])
-        for var in model.optimizer.variables:
-            var.assign(rng.standard_normal(var.shape).astype(var.dtype))
-        path = directory / f"big_{epoch}.weights.h5"
-        model.save_weights(path)
-        files.append(path)
-    tensor_bytes = sum(int(np.prod(w.shape)) * 4 for w in model.weights)
-    return files, tensor_bytes
-
-
 @pytest.mark.parametrize("fmt", ["h5", "keras", "weights.h5"])
 def test_remote_inputs_of_each_format_average_to_the_bytes_local_inputs_give(
     s3, runs, tmp_path, fmt
@@ -185,9 +162,9 @@ def test_remote_inputs_of_each_format_average_to_the_bytes_local_inputs_give(
     assert summary["requests"] == requests  # (the glob's listing is a request to the bucket)
 
 
-def test_only_the_averaged_tensors_and_metadata_are_fetched(s3, big, tmp_path):
+def test_only_the_averaged_tensors_and_metadata_are_fetched(s3, big_weights, tmp_path):
     client, recorder = s3
-    files, tensor_bytes = big
+    files, tensor_bytes = big_weights
     urls = put(client, files, "big")
     out = tmp_path / "avg.weights.h5"
     code, stdout, err = run_wavg("combine", *urls, "-o", out, "--drop-optimizer", "--json")
@@ -228,9 +205,9 @@ def test_remote_to_remote_with_a_missing_output_bucket_writes_nothing(s3, runs):
     assert not [m for m, p, _ in recorder.log if m == "GET" and p.startswith(f"/{BUCKET}/r2r/")]
 
 
-def test_an_object_overwritten_while_it_is_read_is_refused(s3, big, tmp_path):
+def test_an_object_overwritten_while_it_is_read_is_refused(s3, big_weights, tmp_path):
     client, _ = s3
-    files, _ = big
+    files, _ = big_weights
     urls = put(client, files, "changing")
     victim = f"/{BUCKET}/changing/{files[1].name}"
     fired = threading.Event()
@@ -461,13 +438,6 @@ def test_an_output_url_that_is_an_input_is_refused_before_any_request(s3):
     code, _, err = run_wavg("combine", *urls, "-o", urls[1])
     assert_one_line_error(code, err, "inputs are never overwritten", exit_code=2)
     assert recorder.log == []
-
-
-@pytest.fixture(scope="module")
-def multi(tmp_path_factory, keras_module):
-    import helpers_multifile as hm
-
-    return hm.multi_run(tmp_path_factory.mktemp("multi"))
 
 
 def test_sharded_checkpoints_sharded_differently_are_read_from_the_bucket(s3, multi, tmp_path):
