@@ -261,3 +261,35 @@ def multi(tmp_path_factory, keras_module):
     import helpers_multifile as hm
 
     return hm.multi_run(tmp_path_factory.mktemp("multi"))
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """moto's S3 server for one test module, and the environment pointing boto at it."""
+    from helpers_remote import BUCKET, SECRET, Recorder
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    recorder = Recorder(server._server.app)
+    server._server.app = recorder
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_MAX_ATTEMPTS": "1",  # wavg's own bounded retries are under test
+        "AWS_CONFIG_FILE": "/nonexistent/wavg-test-config",
+        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/wavg-test-credentials",
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        import boto3
+
+        client = boto3.client("s3")
+        client.create_bucket(Bucket=BUCKET)
+        yield client, recorder
+    server.stop()

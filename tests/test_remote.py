@@ -1,9 +1,5 @@
-"""Checkpoints in object storage, against a real HTTP S3 endpoint: moto's standalone server.
-
-The server runs in this process on 127.0.0.1 with dummy credentials; its WSGI app is wrapped
-so the tests see every request (and the bytes served), and can inject server errors, deny
-access or overwrite an object while wavg reads it.
-"""
+"""Checkpoints in object storage, against a real HTTP S3 endpoint: moto's standalone server
+(the `s3` fixture, recorded by `helpers_remote.Recorder`)."""
 
 from __future__ import annotations
 
@@ -13,11 +9,11 @@ import socket
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import SAMPLES, h5_tensors
+from helpers_remote import BUCKET, SECRET, get, keys, put
 from hypothesis import given
 from hypothesis import strategies as st
 from kerasfiles import assert_one_line_error, run_wavg
@@ -25,91 +21,6 @@ from kerasfiles import assert_one_line_error, run_wavg
 from wavg.checkpoint import open_source, remote
 from wavg.evaluate import evaluate
 from wavg.locations import Url, redact
-
-BUCKET = "wavg-test"
-SECRET = "sEcReT-key-value-0123456789"
-
-
-class Recorder:
-    """WSGI middleware around moto: logs requests, counts bytes served, injects faults."""
-
-    def __init__(self, app) -> None:
-        self.app = app
-        self.lock = threading.Lock()
-        self.log: list[tuple[str, str, int]] = []  # (method, path, body bytes served)
-        self.failures = 0  # answer this many requests under `fail_prefix` with a 500
-        self.fail_prefix = "/"
-        self.hook = None  # hook(method, path, environ) before a request is served
-
-    def __call__(self, environ, start_response):
-        method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "")
-        if "Credential=DENIED" in environ.get("HTTP_AUTHORIZATION", ""):
-            return self._error(start_response, "403 Forbidden", "AccessDenied", method)
-        with self.lock:
-            inject = self.failures > 0 and path.startswith(self.fail_prefix)
-            if inject:
-                self.failures -= 1
-        if inject:
-            return self._error(start_response, "500 Internal Server Error", "InternalError", method)
-        if self.hook is not None:
-            self.hook(method, path, environ)
-        body = self.app(environ, start_response)
-        try:
-            data = b"".join(body)
-        finally:
-            getattr(body, "close", lambda: None)()
-        with self.lock:
-            self.log.append((method, path, len(data) if method == "GET" else 0))
-        return [data]
-
-    @staticmethod
-    def _error(start_response, status: str, code: str, method: str):
-        body = f"<Error><Code>{code}</Code><Message>injected</Message></Error>".encode()
-        if method == "HEAD":  # a HEAD answer has headers only
-            body = b""
-        start_response(
-            status, [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))]
-        )
-        return [body]
-
-    def served(self, prefix: str) -> tuple[int, int]:
-        """(reads: GET and HEAD requests, GET body bytes) for objects under `/bucket/prefix`."""
-        hits = [
-            n
-            for m, p, n in self.log
-            if m in ("GET", "HEAD") and p.startswith(f"/{BUCKET}/{prefix}")
-        ]
-        return len(hits), sum(hits)
-
-
-@pytest.fixture(scope="module")
-def s3():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    recorder = Recorder(server._server.app)
-    server._server.app = recorder
-    host, port = server.get_host_and_port()
-    env = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": SECRET,
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-        "AWS_EC2_METADATA_DISABLED": "true",
-        "AWS_MAX_ATTEMPTS": "1",  # wavg's own bounded retries are under test
-        "AWS_CONFIG_FILE": "/nonexistent/wavg-test-config",
-        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/wavg-test-credentials",
-    }
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
-            mp.setenv(key, value)
-        import boto3
-
-        client = boto3.client("s3")
-        client.create_bucket(Bucket=BUCKET)
-        yield client, recorder
-    server.stop()
 
 
 @pytest.fixture(autouse=True)
@@ -123,21 +34,6 @@ def fresh(request, monkeypatch):
         _, recorder = request.getfixturevalue("s3")
         recorder.log.clear()
         recorder.failures, recorder.hook = 0, None
-
-
-def put(client, files, prefix: str) -> list[str]:
-    for path in files:
-        client.upload_file(str(path), BUCKET, f"{prefix}/{Path(path).name}")
-    return [f"s3://{BUCKET}/{prefix}/{Path(p).name}" for p in files]
-
-
-def get(client, key: str) -> bytes:
-    return client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
-
-
-def keys(client, prefix: str) -> list[str]:
-    listing = client.list_objects_v2(Bucket=BUCKET, Prefix=prefix)
-    return sorted(o["Key"] for o in listing.get("Contents", []))
 
 
 @pytest.mark.parametrize("fmt", ["h5", "keras", "weights.h5"])

@@ -626,19 +626,17 @@ def staged_upload(url: str) -> Iterator[Path]:
     """A local path in a private temporary directory standing for the output `url`.
 
     The format commits its output there as it would anywhere (see `Checkpoint.output`); when
-    the block exits normally, every file it left is uploaded next to `url`, the one named
-    like `url` last (the commit point of a multi-file output), then the directory is removed.
-    If the block raises, nothing is uploaded.
+    the block exits normally, it is uploaded to `url`, a multi-file output with its commit
+    point last and the previous output's leftovers retired after it (`remote_commit`), then
+    the directory is removed. If the block raises, nothing is uploaded.
     """
+    from wavg.checkpoint.remote_commit import commit_upload
+
     _check_target(url)
     directory = Path(tempfile.mkdtemp(prefix="wavg-upload-"))
     try:
         local = directory / url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
         yield local
-        base = url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[0]
-        # Sorted, then the output's own name last: an index after the shards it names.
-        files = sorted(p for p in directory.rglob("*") if p.is_file())
-        files.sort(key=lambda p: p == local)
-        upload([(p, f"{base}/{p.relative_to(directory).as_posix()}") for p in files])
+        commit_upload(directory, local, url)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
