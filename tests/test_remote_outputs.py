@@ -18,7 +18,7 @@ import helpers_safety as hs
 import numpy as np
 import pytest
 from helpers_remote import BUCKET, keys
-from kerasfiles import run_wavg
+from kerasfiles import assert_one_line_error, run_wavg
 
 from wavg.checkpoint import remote
 
@@ -207,3 +207,90 @@ def test_a_live_runs_shards_are_never_deleted(s3, multi):
     assert run_wavg("combine", *multi.sharded, "-o", target)[0] == 0
     assert run_wavg("combine", *multi.sharded, "-o", target)[0] == 0
     assert live in keys(client, "live/")
+
+
+def put_folder(client, folder: Path, prefix: str) -> str:
+    """Every file of a local model folder as objects under `prefix`; its URL."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            client.upload_file(str(path), BUCKET, f"{prefix}/{path.relative_to(folder)}")
+    return f"s3://{BUCKET}/{prefix}"
+
+
+def tree_bytes(folder: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+    }
+
+
+def test_model_folders_in_a_bucket_are_averaged_by_ranges_like_local_ones(s3, multi, tmp_path):
+    client, recorder = s3
+    for folder in multi.folders:
+        put_folder(client, folder, f"folders/in/{folder.name}")
+    local, remote_out = tmp_path / "local_model", tmp_path / "remote_model"
+    assert run_wavg("combine", *multi.folders, "-o", local)[0] == 0
+    pattern = f"s3://{BUCKET}/folders/in/dir*/"  # quoted: wavg lists the prefixes
+    code, out, err = run_wavg("combine", pattern, "-o", remote_out, "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["format"] == "keras folder"
+    assert [i["path"] for i in summary["inputs"]] == [
+        f"s3://{BUCKET}/folders/in/{f.name}" for f in multi.folders
+    ]
+    assert tree_bytes(remote_out) == tree_bytes(local)
+    _, served = recorder.served("folders/in/")
+    total = sum(p.stat().st_size for f in multi.folders for p in f.rglob("*") if p.is_file())
+    assert summary["bytes_fetched"] == served < 0.7 * total  # the older optimizer state: never
+    # Folder URLs name them too, with or without the trailing slash.
+    urls = [f"s3://{BUCKET}/folders/in/{f.name}" for f in multi.folders]
+    again = tmp_path / "again_model"
+    code, _, err = run_wavg("combine", urls[0], urls[1] + "/", urls[2], "-o", again)
+    assert code == 0, err
+    assert tree_bytes(again) == tree_bytes(local)
+
+
+def test_a_prefix_that_is_no_model_folder_is_refused_by_name(s3, multi, tmp_path):
+    client, _ = s3
+    url = put_folder(client, multi.folders[0], "folders/partial/dir0")
+    client.delete_object(Bucket=BUCKET, Key="folders/partial/dir0/model.weights.h5")
+    code, _, err = run_wavg("combine", url, "-o", tmp_path / "out_model")
+    assert_one_line_error(code, err, url, "not a Keras model folder: no model.weights.h5")
+    assert not (tmp_path / "out_model").exists()
+
+
+def test_a_folder_output_in_a_bucket_is_replaced_config_last_and_pruned(s3, multi, tmp_path):
+    client, recorder = s3
+    target = f"s3://{BUCKET}/folders/out/avg_model"
+    assert run_wavg("combine", *multi.folders[:2], "-o", target)[0] == 0
+    client.put_object(Bucket=BUCKET, Key="folders/out/avg_model/assets/stale.txt", Body=b"old")
+    recorder.log.clear()
+    code, out, err = run_wavg("combine", *multi.folders, "-o", target)
+    assert code == 0, err
+    puts = [p for m, p, _ in recorder.log if m == "PUT" and "/folders/out/" in p]
+    deletes = [p for m, p, _ in recorder.log if m == "DELETE" and "/folders/out/" in p]
+    assert puts[-1] == f"/{BUCKET}/folders/out/avg_model/config.json"
+    assert deletes == [f"/{BUCKET}/folders/out/avg_model/assets/stale.txt"]
+    local = tmp_path / "local_model"
+    assert run_wavg("combine", *multi.folders, "-o", local)[0] == 0
+    back = downloaded(client, "folders/out/avg_model/", tmp_path / "back")
+    assert tree_bytes(back) == tree_bytes(local)
+    hm.assert_weights_equal(hm.load_weights_into_model(back), multi.reference)
+
+
+def test_a_folder_output_never_replaces_a_prefix_that_is_no_model(s3, multi):
+    client, recorder = s3
+    client.put_object(Bucket=BUCKET, Key="folders/other/notes.txt", Body=b"mine")
+    target = f"s3://{BUCKET}/folders/other"
+    code, _, err = run_wavg("combine", *multi.folders, "-o", target)
+    assert_one_line_error(code, err, target, "not a Keras model folder")
+    assert keys(client, "folders/other/") == ["folders/other/notes.txt"]
+
+
+def test_an_object_name_that_would_leave_the_output_folder_is_refused(s3, multi, tmp_path):
+    client, _ = s3
+    url = put_folder(client, multi.folders[0], "folders/evil/dir0")
+    client.put_object(Bucket=BUCKET, Key="folders/evil/dir0/assets/../../escaped", Body=b"x")
+    assert "folders/evil/dir0/assets/../../escaped" in keys(client, "folders/evil/")
+    code, _, err = run_wavg("combine", url, "-o", tmp_path / "out_model")
+    assert_one_line_error(code, err, url, "not a plain path")
+    assert not (tmp_path / "out_model").exists() and not (tmp_path / "escaped").exists()

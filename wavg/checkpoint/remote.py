@@ -67,6 +67,10 @@ _TRANSIENT_ERRNOS = {
 T = TypeVar("T")
 
 
+class IsAPrefix(CheckpointError):
+    """The URL names a prefix (a "folder" of objects), not an object: perhaps a model folder."""
+
+
 # ---------------------------------------------------------------------------------------------
 # errors: one line, no secrets
 
@@ -195,13 +199,12 @@ def _identity(info: dict) -> tuple:
 
 
 def glob_urls(pattern: str) -> list[str]:
-    """The object URLs matching a glob `pattern` on its backend, sorted."""
+    """The URLs matching a glob `pattern` on its backend, sorted: objects, and prefixes
+    (which may be model folders, as a local glob matches folders too)."""
     fs, path = filesystem(pattern)
     display = redact(pattern)
-    found = _retrying(lambda: fs.glob(path, detail=True), display)
-    return sorted(
-        fs.unstrip_protocol(p) for p, info in found.items() if info.get("type") != "directory"
-    )
+    found = _retrying(lambda: fs.glob(path), display)
+    return sorted(fs.unstrip_protocol(p.rstrip("/")) for p in found)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,7 +394,7 @@ class RemoteFile:
         self.fs, self._key = filesystem(url)
         self._handle, info = self._open()
         if info.get("type") == "directory":
-            raise CheckpointError(self.path, "is a directory (a prefix), not a checkpoint")
+            raise IsAPrefix(self.path, "is a directory (a prefix), not a checkpoint")
         self.size = int(info.get("size") or 0)
         if self.size == 0:
             raise CheckpointError(self.path, "is empty")
@@ -416,6 +419,8 @@ class RemoteFile:
         try:
             return _retrying(attempt, self.path)
         except CheckpointError as exc:
+            if exc.problem.startswith("is a directory"):
+                raise IsAPrefix(exc.path, exc.problem) from None
             if exc.problem == "no such object" and _bucket_missing(self.fs, self._key):
                 raise CheckpointError(self.path, "no such bucket") from None
             raise

@@ -47,13 +47,21 @@ CONFIG = "config.json"
 
 
 def commit_upload(directory: Path, local: Path, url: str) -> None:
-    """Upload the output committed at `local` (inside the staging `directory`) to `url`."""
+    """Upload the output committed at `local` (inside the staging `directory`) to `url`;
+    nothing when nothing was committed there (a dry run)."""
+    if not os.path.lexists(local):
+        return
     if local.is_dir():
         _Prefix(url).commit_folder(local)
     elif local.name.endswith(".json") and any(p != local for p in directory.iterdir()):
         _Prefix(url).commit_sharded(local)
     else:
         upload([(local, url)])
+
+
+def check_folder_target(url: str) -> None:
+    """Fail before any tensor is read if a model folder may not be written at `url`."""
+    _Prefix(url).check_folder()
 
 
 class _Prefix:
@@ -215,13 +223,18 @@ class _Prefix:
 
     # -- unzipped .keras folders -----------------------------------------------------------
 
-    def commit_folder(self, local: Path) -> None:
+    def check_folder(self) -> list[str]:
+        """The objects under the output folder; refused unless it is empty or a model."""
         before = self._folder_listing()
         if before and CONFIG not in before:
             raise OutputError(
                 self.display,
                 "exists and is not a Keras model folder (no config.json); wavg replaces only those",
             )
+        return before
+
+    def commit_folder(self, local: Path) -> None:
+        before = self.check_folder()  # again: it may have changed since the run began
         files = sorted(
             (p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()),
             key=lambda r: (r == CONFIG, r),
