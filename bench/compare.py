@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     cells = [c for c in full_cells() if c.matches(selectors) and c.name != "sample"]
     outputs = args.out / "outputs"
     outputs.mkdir(parents=True, exist_ok=True)
+    for wavg in (args.a, args.b):
+        measure.compile_bytecode(Path(wavg))
     print(
         "| cell | read s | read+write s | A s | B s | A / read | B / read | A / r+w | B / r+w "
         "| A CPU s | B CPU s | A RSS MB | B RSS MB |"

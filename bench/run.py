@@ -70,6 +70,7 @@ def find_wavg(given: Path | None = None) -> Path:
     probe = measure.run_once([str(found), "combine", "--help"], 60.0)
     if not probe.ok:
         sys.exit(f"bench: `wavg combine --help` failed:\n{probe.stderr_tail}")
+    measure.compile_bytecode(Path(found))
     return Path(found)
 
 

@@ -66,6 +66,28 @@ def test_combine_writes_the_output_and_reports_on_stdout(samples, tmp_path):
         assert "model_weights" in f
 
 
+def test_the_plan_in_a_log_is_plain_aligned_text(samples, tmp_path):
+    """Not a terminal (CI logs, pipes): no box drawing, one row per input, and every
+    warning on one line, whatever its length."""
+    many = [tmp_path / f"model_{100 + i}.h5" for i in range(len(samples))]
+    for copy, sample in zip(many, samples, strict=True):
+        shutil.copy(sample, copy)
+    result = invoke("combine", "--scheme", "linear", *many, "-o", tmp_path / "avg.h5")
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.splitlines()
+    assert lines[0] == "wavg combine: linear"
+    assert lines[1].split() == ["#", "checkpoint", "epoch", "weight"]
+    rows = [line.split() for line in lines[2 : 2 + len(many)]]
+    assert [row[1] for row in rows] == [p.name for p in many[:-1]] + [many[-1].name]
+    assert rows[-1][2] == "(newest)" and rows[-1][3] == str(100 + len(many) - 1)
+    weights = [float(row[-1]) for row in rows]
+    assert weights == sorted(weights) and abs(sum(weights) - 1) < 1e-3
+    assert lines[2 + len(many)] == f"in {tmp_path}"
+    assert not set("┏━┃│└┡") & set(result.stderr)
+    # Copies of one file are 0% apart: no one-run warning; any warning would be one line.
+    assert all(line.startswith("wavg: warning: ") for line in lines[3 + len(many) :])
+
+
 def test_json_summary_has_a_stable_schema(samples, tmp_path):
     out = tmp_path / "avg.h5"
     result = invoke("combine", "--json", "--scheme", "linear", "--last", "3", *samples, "-o", out)

@@ -13,10 +13,59 @@ lazily, and they need the ``keras`` extra (`wavg.extras`). A plain ``pip install
 enough for `combine`.
 """
 
-from wavg.combine import CombinePlan, CombineSummary, combine, plan_combine, run_plan
-from wavg.errors import WavgError
-from wavg.ordering import order_checkpoints
-from wavg.schemes import scheme_weights
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from wavg.combine import CombinePlan, CombineSummary, combine, plan_combine, run_plan
+    from wavg.errors import WavgError
+    from wavg.ordering import order_checkpoints
+    from wavg.schemes import scheme_weights
+
+# The public names are loaded on first use (PEP 562), so that importing the package (as the
+# console script does before anything else) loads no numpy: `wavg.cli` sets how numpy's BLAS
+# starts before it is loaded.
+_HOMES = {
+    "CombinePlan": "wavg.combine",
+    "CombineSummary": "wavg.combine",
+    "combine": "wavg.combine",
+    "plan_combine": "wavg.combine",
+    "run_plan": "wavg.combine",
+    "WavgError": "wavg.errors",
+    "order_checkpoints": "wavg.ordering",
+    "scheme_weights": "wavg.schemes",
+}
+
+
+def __getattr__(name: str) -> object:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'wavg' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
+
+
+class _Package(types.ModuleType):
+    """Keeps ``wavg.combine`` the function: importing the submodule of the same name (as
+    ``from wavg.combine import ...`` anywhere does) would otherwise bind the module there."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if (
+            isinstance(value, types.ModuleType)
+            and getattr(value, "__name__", "") == (f"{__name__}.{name}")
+            and name in _HOMES
+        ):
+            return  # the submodule stays reachable as sys.modules["wavg.combine"]
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
 
 __all__ = [
     "CombinePlan",

@@ -14,7 +14,6 @@ import contextlib
 import errno
 import glob
 import os
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,7 +54,7 @@ def atomic_output(out: Path) -> Iterator[str]:
     """
     check_output_dir(out)
     remove_stale_temps(out)
-    tmp = f"{temp_prefix(out)}{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = f"{temp_prefix(out)}{os.getpid()}-{os.urandom(4).hex()}"
     # Created inside the try: a signal handled just after the file appears (SIGTERM raises
     # in the next bytecode) must still reach the cleanup below.
     try:

@@ -48,8 +48,11 @@ from wavg.quantized_combine import Requantizer, check_policy, mark_written, plan
 from wavg.schemes import DEFAULT_ALPHA, raw_weights
 from wavg.signals import signals_held
 
-# Items per block: 1 Mi items keeps the float64 sum and its scratch at 16 MiB.
-BLOCK_ITEMS = 1 << 20
+# Items per block: 256 Ki items keeps a worker's float64 sum and scratch at 4 MiB, within
+# the caches the sum is added in, and cuts a small model (MobileNetV2: 3.5 M weights) into
+# enough units to keep both workers busy to the end. Measured against 1 Mi items: ResNet50
+# x8 -7% wall and -11% CPU, 8 x 256 MB Dense kernels -10% wall and 40 MB less peak RSS.
+BLOCK_ITEMS = 1 << 18
 # Keep every input's descriptor open up to this many inputs; beyond it, reopen per read.
 MAX_OPEN_INPUTS = 256
 # Two workers: the machines wavg targets have two cores or more, and the work is memory-bound.
@@ -273,14 +276,15 @@ def run_plan(
 
 def _open_inputs(paths: list, opened: list[Checkpoint]) -> None:
     """Open every input into `opened`, in order, so the first problem found is
-    the oldest input's. The oldest and the newest are walked and checked in full (the
-    newest's structure becomes the output's); each input between them is verified against
-    the oldest's checked structure rather than walked again (see Checkpoint._predict_from).
+    the oldest input's. The oldest is walked and checked in full; every other input, the
+    newest included, is verified against the oldest's checked structure rather than walked
+    again, and walked only when that comparison fails (see Checkpoint._predict_from). The
+    newest's structure becomes the output's either way: a predicted one is the oldest's,
+    byte for byte outside the tensors' values.
     """
     keep_open = len(paths) <= _descriptor_budget()
-    newest = len(paths) - 1
     for i, path in enumerate(paths):
-        ckpt = open_checkpoint(path, like=opened[0] if 0 < i < newest else None)
+        ckpt = open_checkpoint(path, like=opened[0] if i > 0 else None)
         opened.append(ckpt)
         ckpt.trim()
         if not keep_open:
@@ -623,7 +627,7 @@ class BlockAverager:
             diff_dtype = np.float64 if unit.dtype == np.float64 else np.float32
             reference = _sample(newest).astype(diff_dtype)
             diff = np.empty_like(reference)
-            distances[-1] = np.dot(reference.ravel(), reference.ravel())
+            distances[-1] = _squared_norm(reference, diff)
         for i, (ckpt, w) in enumerate(self.members):
             if i == last and compare:
                 block = newest
@@ -631,7 +635,7 @@ class BlockAverager:
                 block = unit.read(ckpt, scratch)
                 if compare:
                     np.subtract(_sample(block), reference, out=diff, dtype=diff_dtype)
-                    distances[i] = np.dot(diff.ravel(), diff.ravel())
+                    distances[i] = _squared_norm(diff, diff)
             total += acc_dtype(w)
             if w == 1.0:
                 if i == 0:
@@ -671,6 +675,16 @@ class BlockAverager:
         raise CheckpointError(
             self.members[-1][0].path, f"the average of tensor {names} is not finite"
         )
+
+
+def _squared_norm(values: np.ndarray, scratch: np.ndarray) -> float:
+    """The sum of squares of `values` (`scratch`, of its shape, may be `values` itself).
+
+    Not ``np.dot``: that is BLAS, and OpenBLAS's threads spin-wait after each call, taking
+    the cores from the averaging workers (17% of the CPU time on ResNet50 checkpoints).
+    """
+    np.multiply(values, values, out=scratch)
+    return float(scratch.sum(dtype=np.float64))
 
 
 def _sample(values: np.ndarray) -> np.ndarray:

@@ -28,7 +28,6 @@ import io
 import json
 import os
 import re
-import secrets
 import shutil
 import stat
 import sys
@@ -79,7 +78,7 @@ class ShardedOutput:
     def __init__(self, out: Path) -> None:
         self.out = out
         self.base = keras_base(out.name)
-        self.token = secrets.token_hex(4)
+        self.token = os.urandom(4).hex()
         self.marker = Path(f"{temp_prefix(out)}{os.getpid()}-{self.token}")
         self.created: list[Path] = []
         self.committed = False
@@ -281,7 +280,7 @@ def _replace_with_placeholder(out: Path) -> None:
         return
     if not stat.S_ISREG(st.st_mode) or st.st_size == len(empty):
         return
-    tmp = Path(f"{temp_prefix(out)}{os.getpid()}-{secrets.token_hex(4)}-placeholder")
+    tmp = Path(f"{temp_prefix(out)}{os.getpid()}-{os.urandom(4).hex()}-placeholder")
     try:
         fd = os.open(tmp, _CREATE, 0o644)
         try:
@@ -345,7 +344,7 @@ def folder_output(out: Path) -> Iterator[Path]:
     """
     check_output_folder(out)
     clean_folder_leftovers(out)
-    tmp = Path(f"{temp_prefix(out)}{os.getpid()}-{secrets.token_hex(4)}")
+    tmp = Path(f"{temp_prefix(out)}{os.getpid()}-{os.urandom(4).hex()}")
     try:  # from before the folder exists: a signal just after creating it must remove it too
         try:
             os.mkdir(tmp, 0o755)

@@ -40,13 +40,35 @@ def check_policy(policy: str) -> None:
         raise UsageError(f"quantized must be one of {', '.join(POLICIES)}, not {policy!r}")
 
 
+def _found_layers(inputs: list[Checkpoint]) -> list[list[QuantizedLayer]]:
+    """`find_quantized` of every input; the newest's config is always read.
+
+    An older input whose tensors are the very objects of one already looked at (it shares
+    that input's verified structure, see `Checkpoint._predict_from`) shows the same layout,
+    so a layout that shows no quantized layer is not searched again.
+    """
+    plain: set[tuple[int, ...]] = set()
+    found = []
+    for ckpt in inputs:
+        newest = ckpt is inputs[-1]
+        key = tuple(map(id, ckpt.tensors.values()))
+        if not newest and key in plain:
+            found.append([])
+            continue
+        layers = find_quantized(ckpt, always_config=newest)
+        if not layers and not newest:
+            plain.add(key)
+        found.append(layers)
+    return found
+
+
 def plan_quantized(
     inputs: list[Checkpoint], weights: list[float], policy: str, block_items: int
 ) -> Requantizer | None:
     """Refuse quantized inputs, or return the `Requantizer` for them (None: nothing is
     quantized). Every input must hold the same quantized layers, laid out alike."""
     check_policy(policy)
-    found = [find_quantized(ckpt, always_config=ckpt is inputs[-1]) for ckpt in inputs]
+    found = _found_layers(inputs)
     if policy == "refuse":
         for ckpt, layers in zip(inputs, found, strict=True):
             refuse_quantized(ckpt, layers)

@@ -158,9 +158,10 @@ class Checkpoint:
         global heaps, attributes) reads only bytes outside the raw tensors, so bytes equal
         there, in a file of equal length, pass the same checks with the same result: the
         validation of `like` is this file's, verified by one comparison instead of
-        rediscovered through libhdf5 (~20 ms per file of a few hundred tensors). libhdf5
-        never parses this file: every averaged tensor is read raw (else no prediction), and
-        the other tensors only ever come from the newest input, which is always walked.
+        rediscovered through libhdf5 (~20 ms per file of a few hundred tensors). Every
+        averaged tensor is read raw (else no prediction). When libhdf5 does open this file
+        later (the newest's config attribute, a tensor copied through h5py, a rebuilt
+        skeleton), what it parses is the structure the walk of `like` validated.
         """
         if (
             like is None
@@ -179,10 +180,13 @@ class Checkpoint:
                 return False
         shift = base_offset - like._span[0]
         self.layout = like.layout
-        self.tensors = {
-            name: t if t.offset is None else dataclasses.replace(t, offset=t.offset + shift)
-            for name, t in like.tensors.items()
-        }
+        if shift == 0:  # (a copy: the newest's may be re-flagged, see `mark_written`)
+            self.tensors = dict(like.tensors)
+        else:
+            self.tensors = {
+                name: t if t.offset is None else dataclasses.replace(t, offset=t.offset + shift)
+                for name, t in like.tensors.items()
+            }
         self._span = (base_offset, data_end)
         return True
 

@@ -14,7 +14,6 @@ import errno
 import json
 import math
 import os
-import secrets
 import shutil
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -205,7 +204,7 @@ class OrbaxStep(Checkpoint):
         """
         self.check_output(out)
         _remove_stale_roots(out)
-        tmp = Path(f"{temp_prefix(out)}{os.getpid()}-{secrets.token_hex(4)}")
+        tmp = Path(f"{temp_prefix(out)}{os.getpid()}-{os.urandom(4).hex()}")
         # Created inside the try: a signal handled right after mkdir must reach the cleanup.
         try:
             try:

@@ -102,6 +102,8 @@ def find_quantized(ckpt: Checkpoint, always_config: bool = True) -> list[Quantiz
     groups = list(_groups(ckpt))
     suspect = any(_mode_from_layout(tensors, _named(tensors)) for _, tensors in groups)
     config_layers = _config_layers(ckpt) if always_config or suspect else {}
+    if not suspect and not any(facts.get("mode") for facts in config_layers.values()):
+        return []  # what `_classify` would find: neither the layout nor the config says so
     found = []
     for group, tensors in groups:
         info = _match_config(group, config_layers)
