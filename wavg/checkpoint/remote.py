@@ -378,6 +378,8 @@ class RemoteFile:
     `path` is the redacted URL (what every message shows); the real URL stays private.
     """
 
+    prefetches = True
+
     def __init__(self, url: str) -> None:
         self._url = url
         self.path = redact(url)
