@@ -5,7 +5,7 @@ no credentials through fsspec's configuration (``{"gs": {"token": "anon"}}``, wh
 ``FSSPEC_GS_TOKEN=anon`` sets). The emulator's request handler is wrapped so the tests see
 every request and the bytes it served, and can overwrite an object while wavg reads it.
 
-One incompatibility is worked around here, in the test setup only: gcsfs >= 2025.x enables
+One incompatibility is worked around here, in the test setup only: recent gcsfs (2026.10) enables
 its "zonal/hierarchical bucket" support by default, which asks a gRPC control API over TLS
 for each bucket's layout; the emulator speaks plain HTTP and no gRPC, so every such lookup
 waits out a 60 s timeout before gcsfs falls back to its plain JSON API. The documented switch
