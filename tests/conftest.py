@@ -230,3 +230,66 @@ def samples(tmp_path_factory) -> list[Path]:
     import helpers_safety
 
     return helpers_safety.samples(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def big_weights(tmp_path_factory, keras_module):
+    """Three .weights.h5 checkpoints of ~1.3 MB of weights plus twice that in Adam state."""
+    keras = keras_module
+    model = keras.Sequential(
+        [keras.Input((256,)), keras.layers.Dense(640), keras.layers.Dense(256)]
+    )
+    model.compile(optimizer="adam", loss="mse")
+    model.optimizer.build(model.trainable_variables)
+    rng = np.random.default_rng(3)
+    directory = tmp_path_factory.mktemp("big")
+    files = []
+    for epoch in range(3):
+        model.set_weights([rng.standard_normal(w.shape).astype("float32") for w in model.weights])
+        for var in model.optimizer.variables:
+            var.assign(rng.standard_normal(var.shape).astype(var.dtype))
+        path = directory / f"big_{epoch}.weights.h5"
+        model.save_weights(path)
+        files.append(path)
+    tensor_bytes = sum(int(np.prod(w.shape)) * 4 for w in model.weights)
+    return files, tensor_bytes
+
+
+@pytest.fixture(scope="session")
+def multi(tmp_path_factory, keras_module):
+    """Sharded checkpoints and unzipped folders of one run (see helpers_multifile)."""
+    import helpers_multifile as hm
+
+    return hm.multi_run(tmp_path_factory.mktemp("multi"))
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """moto's S3 server for one test module, and the environment pointing boto at it."""
+    from helpers_remote import BUCKET, SECRET, Recorder
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    recorder = Recorder(server._server.app)
+    server._server.app = recorder
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_MAX_ATTEMPTS": "1",  # wavg's own bounded retries are under test
+        "AWS_CONFIG_FILE": "/nonexistent/wavg-test-config",
+        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/wavg-test-credentials",
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        import boto3
+
+        client = boto3.client("s3")
+        client.create_bucket(Bucket=BUCKET)
+        yield client, recorder
+    server.stop()

@@ -1,9 +1,5 @@
-"""Checkpoints in object storage, against a real HTTP S3 endpoint: moto's standalone server.
-
-The server runs in this process on 127.0.0.1 with dummy credentials; its WSGI app is wrapped
-so the tests see every request (and the bytes served), and can inject server errors, deny
-access or overwrite an object while wavg reads it.
-"""
+"""Checkpoints in object storage, against a real HTTP S3 endpoint: moto's standalone server
+(the `s3` fixture, recorded by `helpers_remote.Recorder`)."""
 
 from __future__ import annotations
 
@@ -13,11 +9,11 @@ import socket
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import SAMPLES, h5_tensors
+from helpers_remote import BUCKET, SECRET, get, keys, put
 from hypothesis import given
 from hypothesis import strategies as st
 from kerasfiles import assert_one_line_error, run_wavg
@@ -25,91 +21,6 @@ from kerasfiles import assert_one_line_error, run_wavg
 from wavg.checkpoint import open_source, remote
 from wavg.evaluate import evaluate
 from wavg.locations import Url, redact
-
-BUCKET = "wavg-test"
-SECRET = "sEcReT-key-value-0123456789"
-
-
-class Recorder:
-    """WSGI middleware around moto: logs requests, counts bytes served, injects faults."""
-
-    def __init__(self, app) -> None:
-        self.app = app
-        self.lock = threading.Lock()
-        self.log: list[tuple[str, str, int]] = []  # (method, path, body bytes served)
-        self.failures = 0  # answer this many requests under `fail_prefix` with a 500
-        self.fail_prefix = "/"
-        self.hook = None  # hook(method, path, environ) before a request is served
-
-    def __call__(self, environ, start_response):
-        method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "")
-        if "Credential=DENIED" in environ.get("HTTP_AUTHORIZATION", ""):
-            return self._error(start_response, "403 Forbidden", "AccessDenied", method)
-        with self.lock:
-            inject = self.failures > 0 and path.startswith(self.fail_prefix)
-            if inject:
-                self.failures -= 1
-        if inject:
-            return self._error(start_response, "500 Internal Server Error", "InternalError", method)
-        if self.hook is not None:
-            self.hook(method, path, environ)
-        body = self.app(environ, start_response)
-        try:
-            data = b"".join(body)
-        finally:
-            getattr(body, "close", lambda: None)()
-        with self.lock:
-            self.log.append((method, path, len(data) if method == "GET" else 0))
-        return [data]
-
-    @staticmethod
-    def _error(start_response, status: str, code: str, method: str):
-        body = f"<Error><Code>{code}</Code><Message>injected</Message></Error>".encode()
-        if method == "HEAD":  # a HEAD answer has headers only
-            body = b""
-        start_response(
-            status, [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))]
-        )
-        return [body]
-
-    def served(self, prefix: str) -> tuple[int, int]:
-        """(reads: GET and HEAD requests, GET body bytes) for objects under `/bucket/prefix`."""
-        hits = [
-            n
-            for m, p, n in self.log
-            if m in ("GET", "HEAD") and p.startswith(f"/{BUCKET}/{prefix}")
-        ]
-        return len(hits), sum(hits)
-
-
-@pytest.fixture(scope="module")
-def s3():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    recorder = Recorder(server._server.app)
-    server._server.app = recorder
-    host, port = server.get_host_and_port()
-    env = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": SECRET,
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-        "AWS_EC2_METADATA_DISABLED": "true",
-        "AWS_MAX_ATTEMPTS": "1",  # wavg's own bounded retries are under test
-        "AWS_CONFIG_FILE": "/nonexistent/wavg-test-config",
-        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/wavg-test-credentials",
-    }
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
-            mp.setenv(key, value)
-        import boto3
-
-        client = boto3.client("s3")
-        client.create_bucket(Bucket=BUCKET)
-        yield client, recorder
-    server.stop()
 
 
 @pytest.fixture(autouse=True)
@@ -123,44 +34,6 @@ def fresh(request, monkeypatch):
         _, recorder = request.getfixturevalue("s3")
         recorder.log.clear()
         recorder.failures, recorder.hook = 0, None
-
-
-def put(client, files, prefix: str) -> list[str]:
-    for path in files:
-        client.upload_file(str(path), BUCKET, f"{prefix}/{Path(path).name}")
-    return [f"s3://{BUCKET}/{prefix}/{Path(p).name}" for p in files]
-
-
-def get(client, key: str) -> bytes:
-    return client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
-
-
-def keys(client, prefix: str) -> list[str]:
-    listing = client.list_objects_v2(Bucket=BUCKET, Prefix=prefix)
-    return sorted(o["Key"] for o in listing.get("Contents", []))
-
-
-@pytest.fixture(scope="module")
-def big(tmp_path_factory, keras_module):
-    """Three .weights.h5 checkpoints of ~1.3 MB of weights plus twice that in Adam state."""
-    keras = keras_module
-    model = keras.Sequential(
-        [keras.Input((256,)), keras.layers.Dense(640), keras.layers.Dense(256)]
-    )
-    model.compile(optimizer="adam", loss="mse")
-    model.optimizer.build(model.trainable_variables)
-    rng = np.random.default_rng(3)
-    directory = tmp_path_factory.mktemp("big")
-    files = []
-    for epoch in range(3):
-        model.set_weights([rng.standard_normal(w.shape).astype("float32") for w in model.weights])
-        for var in model.optimizer.variables:
-            var.assign(rng.standard_normal(var.shape).astype(var.dtype))
-        path = directory / f"big_{epoch}.weights.h5"
-        model.save_weights(path)
-        files.append(path)
-    tensor_bytes = sum(int(np.prod(w.shape)) * 4 for w in model.weights)
-    return files, tensor_bytes
 
 
 @pytest.mark.parametrize("fmt", ["h5", "keras", "weights.h5"])
@@ -185,9 +58,9 @@ def test_remote_inputs_of_each_format_average_to_the_bytes_local_inputs_give(
     assert summary["requests"] == requests  # (the glob's listing is a request to the bucket)
 
 
-def test_only_the_averaged_tensors_and_metadata_are_fetched(s3, big, tmp_path):
+def test_only_the_averaged_tensors_and_metadata_are_fetched(s3, big_weights, tmp_path):
     client, recorder = s3
-    files, tensor_bytes = big
+    files, tensor_bytes = big_weights
     urls = put(client, files, "big")
     out = tmp_path / "avg.weights.h5"
     code, stdout, err = run_wavg("combine", *urls, "-o", out, "--drop-optimizer", "--json")
@@ -228,9 +101,9 @@ def test_remote_to_remote_with_a_missing_output_bucket_writes_nothing(s3, runs):
     assert not [m for m, p, _ in recorder.log if m == "GET" and p.startswith(f"/{BUCKET}/r2r/")]
 
 
-def test_an_object_overwritten_while_it_is_read_is_refused(s3, big, tmp_path):
+def test_an_object_overwritten_while_it_is_read_is_refused(s3, big_weights, tmp_path):
     client, _ = s3
-    files, _ = big
+    files, _ = big_weights
     urls = put(client, files, "changing")
     victim = f"/{BUCKET}/changing/{files[1].name}"
     fired = threading.Event()
@@ -463,13 +336,6 @@ def test_an_output_url_that_is_an_input_is_refused_before_any_request(s3):
     assert recorder.log == []
 
 
-@pytest.fixture(scope="module")
-def multi(tmp_path_factory, keras_module):
-    import helpers_multifile as hm
-
-    return hm.multi_run(tmp_path_factory.mktemp("multi"))
-
-
 def test_sharded_checkpoints_sharded_differently_are_read_from_the_bucket(s3, multi, tmp_path):
     import helpers_multifile as hm
 
@@ -494,3 +360,39 @@ def test_sharded_checkpoints_sharded_differently_are_read_from_the_bucket(s3, mu
     code, _, err = run_wavg("combine", pattern, "-o", failed)
     assert_one_line_error(code, err, newest.name, missing)
     assert not failed.exists()
+
+
+def test_chunked_compressed_tensors_are_fetched_ahead_not_chunk_by_chunk(s3, tmp_path):
+    """h5py reads a chunked tensor chunk by chunk; their ranges are planned ahead instead, so
+    adjacent chunks arrive coalesced in a few concurrent requests, not one request each."""
+    import h5py
+
+    client, recorder = s3
+    rng = np.random.default_rng(5)
+    files = []
+    for epoch in range(3):
+        path = tmp_path / f"chunked_{epoch}.weights.h5"
+        with h5py.File(path, "w") as f:
+            for layer in range(2):
+                data = rng.standard_normal((512, 512)).astype(np.float32)
+                f.create_dataset(
+                    f"layers/dense_{layer}/vars/0", data=data, chunks=(64, 512), compression="gzip"
+                )
+        files.append(path)
+    chunks = sum(
+        f[f"layers/dense_{n}/vars/0"].id.get_num_chunks()
+        for path in files
+        for f in [h5py.File(path, "r")]
+        for n in range(2)
+    )
+    urls = put(client, files, "chunked")
+    out, local = tmp_path / "avg.weights.h5", tmp_path / "local.weights.h5"
+    code, stdout, err = run_wavg("combine", *urls, "-o", out, "--json")
+    assert code == 0, err
+    summary = json.loads(stdout)
+    requests, served = recorder.served("chunked/")
+    assert summary["bytes_fetched"] == served and summary["requests"] == requests
+    assert requests < chunks / 2  # (metadata and the global heap scan included)
+    assert run_wavg("combine", *files, "-o", local)[0] == 0
+    got, want = h5_tensors(out), h5_tensors(local)
+    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)

@@ -66,12 +66,13 @@ class Url:
 
     @property
     def name(self) -> str:
-        return posixpath.basename(urlsplit(self.url).path)
+        return posixpath.basename(urlsplit(self.url).path.rstrip("/"))
 
     @property
     def parent(self) -> Url:
         p = urlsplit(self.url)
-        return Url(urlunsplit((p.scheme, p.netloc, posixpath.dirname(p.path), "", "")))
+        path = posixpath.dirname(p.path.rstrip("/"))
+        return Url(urlunsplit((p.scheme, p.netloc, path, "", "")))
 
 
 Location = Path | Url

@@ -124,7 +124,7 @@ class ShardedOutput:
         written += _write_synced(self._index_tmp, index, self)
         old = index_names(self.out)
         new = set(parse_index(index, str(self.out)).shards)
-        pattern = _shard_pattern(self.base)
+        pattern = shard_pattern(self.base)
         self._stale = sorted(n for n in (old or ()) if n not in new and pattern.fullmatch(n))
         _write_synced(self.marker, json.dumps(self._stale).encode(), None)
         fsync_directory(self.out.parent)  # the shards' names before the index's
@@ -182,11 +182,13 @@ def _write_synced(path: Path, data: bytes, owner: ShardedOutput | None) -> int:
 
 
 @cache
-def _shard_pattern(base: str) -> re.Pattern[str]:
+def shard_pattern(base: str) -> re.Pattern[str]:
+    """The names of index `base`'s shards, Keras' own and wavg's (``.wavg-<token>``)."""
     return re.compile(rf"{re.escape(base)}_\d{{5}}(\.wavg-[0-9a-f]{{8}})?\.weights\.h5")
 
 
-def _own_pattern(base: str) -> re.Pattern[str]:
+def own_pattern(base: str) -> re.Pattern[str]:
+    """The names wavg gives index `base`'s shards; group 1 is the writing run's token."""
     return re.compile(rf"{re.escape(base)}_\d{{5}}\.wavg-([0-9a-f]{{8}})\.weights\.h5")
 
 
@@ -257,7 +259,7 @@ def clean_sharded_leftovers(out: Path) -> None:
         used = names_in_use(out)
         if used is None:
             return  # an index we cannot read may need anything: leave everything
-        own = _own_pattern(keras_base(out.name))
+        own = own_pattern(keras_base(out.name))
         tokens = {token for _, token in dead}
         for entry in os.listdir(directory):
             found = own.fullmatch(entry)
@@ -301,7 +303,7 @@ def _stale_list(marker: Path) -> list[str]:
         return []
     if not isinstance(data, list):
         return []
-    pattern = _shard_pattern(keras_base(marker.name.split(TMP_MARKER)[0][1:]))
+    pattern = shard_pattern(keras_base(marker.name.split(TMP_MARKER)[0][1:]))
     return [n for n in data if isinstance(n, str) and pattern.fullmatch(n)]
 
 

@@ -3,8 +3,9 @@
 The format is recognised from the file's bytes, not its name: a zip archive is a ``.keras``
 model, an HDF5 file is a legacy ``.h5`` model, legacy weights or Keras 3 ``.weights.h5``
 (told apart by their layout, see `layouts`). Checkpoints of several files are recognised by
-content too: a JSON index is sharded weights, a folder an unzipped ``.keras`` model or an
-Orbax step (see `orbax_steps`); an Orbax root stands for its committed steps
+content too: a JSON index is sharded weights, a folder (or a prefix in a bucket) holding
+config.json or model.weights.h5 an unzipped ``.keras`` model, a local folder an Orbax step
+(see `orbax_steps`); an Orbax root stands for its committed steps
 (`expand_checkpoint_dirs`). Where the bytes come from (a local file, an object in storage)
 is the byte source's business (`open_source`); formats never ask.
 """
@@ -33,6 +34,7 @@ __all__ = [
     "local_copies",
     "open_source",
     "staged_output",
+    "check_output_url",
 ]
 
 
@@ -107,6 +109,17 @@ def staged_output(out: Location) -> Iterator[Path]:
         yield local
 
 
+def check_output_url(out: Location, newest: Checkpoint) -> None:
+    """Refuse, before any tensor is read, a URL output that `newest`'s format could not
+    commit there (a model folder replaces only an empty prefix or another model folder)."""
+    from wavg.checkpoint.layouts import KERAS_FOLDER
+
+    if isinstance(out, Url) and newest.layout is KERAS_FOLDER:
+        from wavg.checkpoint.remote_commit import check_folder_target
+
+        check_folder_target(out.url)
+
+
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _ZIP_SIGNATURE = b"PK\x03\x04"
 
@@ -130,7 +143,13 @@ def open_checkpoint(
     folder = _open_folder(path)
     if folder is not None:
         return folder
-    file = open_source(path)
+    try:
+        file = open_source(path)
+    except CheckpointError as exc:
+        folder = _open_remote_folder(path, exc)
+        if folder is None:
+            raise
+        return folder
     try:
         if _is_index(file):
             from wavg.checkpoint.sharded import ShardedCheckpoint
@@ -162,6 +181,23 @@ def _open_folder(path: str | os.PathLike[str] | Url) -> Checkpoint | None:
 
     folder = os.fspath(location)
     return KerasFolderCheckpoint(folder) if is_keras_folder(folder) else None
+
+
+def _open_remote_folder(
+    path: str | os.PathLike[str] | Url, problem: CheckpointError
+) -> Checkpoint | None:
+    """An unzipped .keras folder at a URL that names a prefix (`problem` said so), or None."""
+    from wavg.checkpoint.remote import IsAPrefix
+
+    if not isinstance(problem, IsAPrefix):
+        return None
+    from wavg.checkpoint.keras_dir import KerasFolderCheckpoint
+    from wavg.checkpoint.remote_folder import RemoteTree
+
+    location = as_location(path)
+    assert isinstance(location, Url)  # only a URL's byte source says IsAPrefix
+    tree = RemoteTree(location.url)
+    return KerasFolderCheckpoint(tree.path, tree) if tree.is_model_folder() else None
 
 
 def _is_index(file: InputFile) -> bool:

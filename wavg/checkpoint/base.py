@@ -318,8 +318,36 @@ class Checkpoint:
         """Tell the byte source which tensors' raw bytes will be read, in this order, with
         `readers` inputs read in lockstep (it may fetch ahead; a local file ignores this)."""
         tensors = [self.tensors[n] for n in names if n in self.tensors]
-        ranges = [(t.offset, t.nbytes) for t in tensors if t.offset is not None]
+        ranges: list[tuple[int, int]] = []
+        for t in tensors:
+            if t.offset is not None:
+                ranges.append((t.offset, t.nbytes))
+            elif t.size and getattr(self.file, "prefetches", False):
+                ranges.extend(self._chunk_ranges(t))
         self.file.will_read(ranges, readers)
+
+    def _hdf5_base(self) -> int | None:
+        """Where byte 0 of the HDF5 weights file lies in the byte source, or None when h5py
+        reads it through a decoder (its addresses are then no ranges of the source)."""
+        return 0
+
+    def _chunk_ranges(self, tensor: Tensor) -> list[tuple[int, int]]:
+        """``(offset, size)`` of a chunked tensor's stored chunks, in index order: h5py reads
+        them one by one, so a remote source can fetch them ahead, coalesced and concurrently,
+        instead of one request at a time. Empty when unknown (a hint, never a promise)."""
+        base = self._hdf5_base()
+        if base is None:
+            return []
+        with self._h5_lock, self.weights_h5() as h5:
+            dsid = h5[tensor.name].id
+            try:
+                count = dsid.get_num_chunks()
+                if count > MAX_PLANNED_CHUNKS:
+                    return []
+                infos = [dsid.get_chunk_info(i) for i in range(count)]
+            except (AttributeError, OSError, RuntimeError, ValueError, TypeError):
+                return []  # not chunked (compact), or an HDF5 without chunk queries
+        return [(base + i.byte_offset, i.size) for i in infos if i.byte_offset is not None]
 
     def trim(self) -> None:
         """Close the h5py handle if raw reads need none (its metadata cache costs memory
@@ -347,6 +375,9 @@ class Checkpoint:
 # At most this many bytes of HDF5 structure are kept to compare other inputs with (see
 # `Checkpoint._predict_from`); Keras checkpoints hold well under 1 MB of it.
 MAX_PREDICTED_METADATA = 16 << 20
+# A chunked tensor of more chunks than this is read without planning them ahead (listing
+# them costs one libhdf5 query each).
+MAX_PLANNED_CHUNKS = 100_000
 # Bytes between two raw tensors that one vectored read reads and discards rather than
 # splitting into two reads (Keras puts each dataset's header, a few hundred bytes, between).
 MAX_READ_GAP = 64 << 10

@@ -36,6 +36,10 @@ def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
 class InputFile:
     """A regular file opened read-only, with its identity recorded at first open."""
 
+    # Whether `will_read` hints pay off (a remote source fetches them ahead; the kernel
+    # reads ahead for a local file), so a format knows if working out ranges is worth it.
+    prefetches = False
+
     def __init__(self, path: str) -> None:
         self.path = path
         fd = self._open()

@@ -3,7 +3,9 @@ and model.weights.h5 (and an ``assets/`` tree when the model has assets).
 
 The weights file is averaged as an HDF5 checkpoint; every other file is copied from the
 newest folder byte for byte, as data, and the new folder replaces the old in one swap
-(`wavg.multifile.folder_output`). Nothing here follows a link out of the folder.
+(`wavg.multifile.folder_output`). The folder may be local or a prefix in object storage
+(`remote_folder.RemoteTree`): either way it is a `Tree` of relative names and byte sources.
+Nothing here follows a link out of the folder.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 from wavg.checkpoint.base import Writer
 from wavg.checkpoint.composite import CompositeCheckpoint, PartsWriter
@@ -37,15 +40,25 @@ def is_keras_folder(path: str) -> bool:
     )
 
 
+class Tree(Protocol):
+    """A model folder's files by relative name (``assets/vocab.txt``), wherever they are."""
+
+    def names(self) -> set[str]:
+        """The names directly in the folder."""
+
+    def walk(self, names: set[str]) -> tuple[list[str], list[str]]:
+        """The sub-folders and files under `names`, relative to the folder."""
+
+    def open(self, relative: str) -> InputFile:
+        """A byte source for a file of the folder, pinned like any input."""
+
+
 class KerasFolderCheckpoint(CompositeCheckpoint):
     """A model folder; its model.weights.h5 is averaged, everything else is copied."""
 
-    def __init__(self, path: str) -> None:
-        folder = Path(path)
-        try:
-            names = set(os.listdir(folder))
-        except OSError as exc:
-            raise CheckpointError(path, f"cannot list the folder ({exc.strerror})") from None
+    def __init__(self, path: str, tree: Tree | None = None) -> None:
+        tree = tree if tree is not None else LocalTree(path)
+        names = tree.names()
         for needed in (CONFIG, WEIGHTS):
             if needed not in names:
                 other = sorted(n for n in names if n.startswith("model.weights"))
@@ -53,13 +66,13 @@ class KerasFolderCheckpoint(CompositeCheckpoint):
                 raise CheckpointError(path, f"not a Keras model folder: no {needed}{hint}")
         self.copies: list[tuple[str, InputFile]] = []
         try:
-            self.folders, files = _copied_files(folder, names - {WEIGHTS})
+            self.folders, files = tree.walk(names - {WEIGHTS})
             for relative in files:
-                file = _open_inside(folder, relative, path)
+                file = tree.open(relative)
                 file.release()  # reopened (and re-identified) when copied
                 self.copies.append((relative, file))
             super().__init__(path, KERAS_FOLDER, [f for _, f in self.copies])
-            weights = _open_inside(folder, WEIGHTS, path)
+            weights = tree.open(WEIGHTS)
             try:
                 part = self._open_part(weights, KERAS3_WEIGHTS)
             except BaseException:
@@ -106,42 +119,65 @@ class KerasFolderCheckpoint(CompositeCheckpoint):
         return sum(_copy_file(file, tmp / relative) for relative, file in self.copies)
 
 
-def _copied_files(folder: Path, names: set[str]) -> tuple[list[str], list[str]]:
-    """The sub-folders and files of the folder in `names` (walked), relative to it."""
-    found: list[str] = []
-    folders: list[str] = []
-    pending = sorted(names)
-    while pending:
-        relative = pending.pop(0)
-        mode = os.lstat(folder / relative).st_mode
-        if stat.S_ISDIR(mode):
-            folders.append(relative)
-            pending.extend(f"{relative}/{child}" for child in sorted(os.listdir(folder / relative)))
-        elif stat.S_ISREG(mode) or stat.S_ISLNK(mode):
-            found.append(relative)
-        else:
-            raise UnsafeCheckpoint(str(folder), f"{relative} is not a regular file")
-        if len(found) + len(pending) > MAX_COPIED_FILES:
-            raise UnsafeCheckpoint(str(folder), f"holds over {MAX_COPIED_FILES} files")
-    return folders, found
+class LocalTree:
+    """A model folder on a local disk: only regular files, and symlinks kept inside it."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.folder = Path(path)
+
+    def names(self) -> set[str]:
+        try:
+            return set(os.listdir(self.folder))
+        except OSError as exc:
+            raise CheckpointError(self.path, f"cannot list the folder ({exc.strerror})") from None
+
+    def walk(self, names: set[str]) -> tuple[list[str], list[str]]:
+        found: list[str] = []
+        folders: list[str] = []
+        pending = sorted(names)
+        while pending:
+            relative = pending.pop(0)
+            mode = os.lstat(self.folder / relative).st_mode
+            if stat.S_ISDIR(mode):
+                folders.append(relative)
+                children = sorted(os.listdir(self.folder / relative))
+                pending.extend(f"{relative}/{child}" for child in children)
+            elif stat.S_ISREG(mode) or stat.S_ISLNK(mode):
+                found.append(relative)
+            else:
+                raise UnsafeCheckpoint(self.path, f"{relative} is not a regular file")
+            check_file_count(len(found) + len(pending), self.path)
+        return folders, found
+
+    def open(self, relative: str) -> InputFile:
+        """Open a file of the folder; a symlink must stay in the folder."""
+        target = self.folder / relative
+        if target.is_symlink():
+            real = Path(os.path.realpath(target))
+            root = Path(os.path.realpath(self.folder))
+            if root not in real.parents:
+                raise UnsafeCheckpoint(
+                    self.path, f"{relative} is a symlink leading out of the folder"
+                )
+        try:
+            file = InputFile(str(target))
+        except CheckpointError as exc:
+            raise type(exc)(self.path, f"{relative}: {exc.problem}") from None
+        check_copied_size(file, relative, self.path)
+        return file
 
 
-def _open_inside(folder: Path, relative: str, path: str) -> InputFile:
-    """Open a file of the folder; a symlink must stay in the folder, a copy must be small."""
-    target = folder / relative
-    if target.is_symlink():
-        real = Path(os.path.realpath(target))
-        root = Path(os.path.realpath(folder))
-        if root not in real.parents:
-            raise UnsafeCheckpoint(path, f"{relative} is a symlink leading out of the folder")
-    try:
-        file = InputFile(str(target))
-    except CheckpointError as exc:
-        raise type(exc)(path, f"{relative}: {exc.problem}") from None
+def check_file_count(count: int, path: str) -> None:
+    if count > MAX_COPIED_FILES:
+        raise UnsafeCheckpoint(path, f"holds over {MAX_COPIED_FILES} files")
+
+
+def check_copied_size(file: InputFile, relative: str, path: str) -> None:
+    """A copied file (any but the weights) must be small, as in archives."""
     if relative != WEIGHTS and file.size > MAX_COPIED_BYTES:
         file.release()
         raise UnsafeCheckpoint(path, f"{relative} is implausibly large for a model file")
-    return file
 
 
 def _copy_file(file: InputFile, target: Path) -> int:

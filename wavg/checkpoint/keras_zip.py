@@ -112,6 +112,9 @@ class KerasCheckpoint(Checkpoint):
         except _ZIP_ERRORS as exc:
             raise CheckpointError(self.path, f"damaged archive member {WEIGHTS} ({exc})") from None
 
+    def _hdf5_base(self) -> int | None:
+        return self._data_start  # None: a compressed member, read through a decompressor
+
     def _open_weights(self) -> h5py.File:
         info = self._weights_info
         if self._data_start is not None:

@@ -67,6 +67,10 @@ _TRANSIENT_ERRNOS = {
 T = TypeVar("T")
 
 
+class IsAPrefix(CheckpointError):
+    """The URL names a prefix (a "folder" of objects), not an object: perhaps a model folder."""
+
+
 # ---------------------------------------------------------------------------------------------
 # errors: one line, no secrets
 
@@ -195,13 +199,12 @@ def _identity(info: dict) -> tuple:
 
 
 def glob_urls(pattern: str) -> list[str]:
-    """The object URLs matching a glob `pattern` on its backend, sorted."""
+    """The URLs matching a glob `pattern` on its backend, sorted: objects, and prefixes
+    (which may be model folders, as a local glob matches folders too)."""
     fs, path = filesystem(pattern)
     display = redact(pattern)
-    found = _retrying(lambda: fs.glob(path, detail=True), display)
-    return sorted(
-        fs.unstrip_protocol(p) for p, info in found.items() if info.get("type") != "directory"
-    )
+    found = _retrying(lambda: fs.glob(path), display)
+    return sorted(fs.unstrip_protocol(p.rstrip("/")) for p in found)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,6 +378,8 @@ class RemoteFile:
     `path` is the redacted URL (what every message shows); the real URL stays private.
     """
 
+    prefetches = True
+
     def __init__(self, url: str) -> None:
         self._url = url
         self.path = redact(url)
@@ -391,7 +396,7 @@ class RemoteFile:
         self.fs, self._key = filesystem(url)
         self._handle, info = self._open()
         if info.get("type") == "directory":
-            raise CheckpointError(self.path, "is a directory (a prefix), not a checkpoint")
+            raise IsAPrefix(self.path, "is a directory (a prefix), not a checkpoint")
         self.size = int(info.get("size") or 0)
         if self.size == 0:
             raise CheckpointError(self.path, "is empty")
@@ -416,6 +421,8 @@ class RemoteFile:
         try:
             return _retrying(attempt, self.path)
         except CheckpointError as exc:
+            if exc.problem.startswith("is a directory"):
+                raise IsAPrefix(exc.path, exc.problem) from None
             if exc.problem == "no such object" and _bucket_missing(self.fs, self._key):
                 raise CheckpointError(self.path, "no such bucket") from None
             raise
@@ -626,19 +633,17 @@ def staged_upload(url: str) -> Iterator[Path]:
     """A local path in a private temporary directory standing for the output `url`.
 
     The format commits its output there as it would anywhere (see `Checkpoint.output`); when
-    the block exits normally, every file it left is uploaded next to `url`, the one named
-    like `url` last (the commit point of a multi-file output), then the directory is removed.
-    If the block raises, nothing is uploaded.
+    the block exits normally, it is uploaded to `url`, a multi-file output with its commit
+    point last and the previous output's leftovers retired after it (`remote_commit`), then
+    the directory is removed. If the block raises, nothing is uploaded.
     """
+    from wavg.checkpoint.remote_commit import commit_upload
+
     _check_target(url)
     directory = Path(tempfile.mkdtemp(prefix="wavg-upload-"))
     try:
         local = directory / url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
         yield local
-        base = url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[0]
-        # Sorted, then the output's own name last: an index after the shards it names.
-        files = sorted(p for p in directory.rglob("*") if p.is_file())
-        files.sort(key=lambda p: p == local)
-        upload([(p, f"{base}/{p.relative_to(directory).as_posix()}") for p in files])
+        commit_upload(directory, local, url)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
