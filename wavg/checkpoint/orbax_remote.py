@@ -180,11 +180,12 @@ def open_kvstore(url: str) -> Any:
     return _wait(ts.KvStore.open(kvstore_spec(url), context=ctx), display)
 
 
-def list_keys(kv: Any, display: str) -> list[str]:
-    """Every key under `kv`'s prefix, relative to it, sorted; each must be a plain relative
-    path (a key with ``..`` or an empty part would lead a copy outside its directory)."""
+def list_keys(kv: Any, display: str, checked: bool = True) -> list[str]:
+    """Every key under `kv`'s prefix, relative to it, sorted. With `checked`, each must be a
+    plain relative path (a key with ``..`` or an empty part would lead a copy outside its
+    directory); a listing that only decides whether the prefix is Orbax's is not checked."""
     keys = sorted(k.decode("utf-8", "replace") for k in _wait(kv.list(), display))
-    for key in keys:
+    for key in keys if checked else ():
         if key.startswith("/") or "\\" in key or any(p in ("", ".", "..") for p in key.split("/")):
             raise UnsafeCheckpoint(display, f"holds an object with an unusable name {key!r}")
     return keys
@@ -200,7 +201,9 @@ def expand_url(url: str) -> tuple[list[StepUrl], list[str]] | None:
     step with ``commit_success.txt``: a step without one, where others have it, is skipped.
     """
     display = redact(url)
-    keys = list_keys(open_kvstore(url), display)
+    # Unchecked: a prefix that is no Orbax root (a model folder, say) is its reader's to
+    # judge; every step found is listed and checked again when it is opened.
+    keys = list_keys(open_kvstore(url), display, checked=False)
     if not keys:
         return None
     if STEP_METADATA in keys or f"{PYTREE}/_METADATA" in keys:
