@@ -25,8 +25,25 @@ class Recorder:
         self.fail_prefix = "/"
         # hook(method, path, environ) before a request is served; False drops it (a 500)
         self.hook = None
+        self.active = 0  # requests being served now
+        self.idle = threading.Condition(self.lock)
+
+    def wait_idle(self, timeout: float = 60.0) -> None:
+        """Until no request is being served (a killed client's last ones included)."""
+        with self.idle:
+            assert self.idle.wait_for(lambda: self.active == 0, timeout), "server stays busy"
 
     def __call__(self, environ, start_response):
+        with self.lock:
+            self.active += 1
+        try:
+            return self._serve(environ, start_response)
+        finally:
+            with self.idle:
+                self.active -= 1
+                self.idle.notify_all()
+
+    def _serve(self, environ, start_response):
         method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "")
         if "Credential=DENIED" in environ.get("HTTP_AUTHORIZATION", ""):
             return self._error(start_response, "403 Forbidden", "AccessDenied", method)
