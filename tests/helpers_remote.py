@@ -7,11 +7,19 @@ deny access or overwrite an object while wavg reads it.
 
 from __future__ import annotations
 
+import socket
 import threading
 from pathlib import Path
 
 BUCKET = "wavg-test"
 SECRET = "sEcReT-key-value-0123456789"
+
+
+def unused_endpoint() -> str:
+    """An http:// endpoint on 127.0.0.1 where nobody listens (a port just released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
 class Recorder:

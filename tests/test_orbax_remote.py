@@ -11,36 +11,19 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers_remote import BUCKET, SECRET, unused_endpoint
 from kerasfiles import assert_one_line_error, run_wavg, scratch_dir
 from test_orbax import _array, _jobs, _names
 
 from wavg.checkpoint import remote
 
-BUCKET = "wavg-orbax"
-SECRET = "sEcReT-orbax-key-0123456789"
-
 pytestmark = pytest.mark.slow
-
-
-class Deny:
-    """WSGI middleware around moto: requests signed with the key id DENIED get a 403."""
-
-    def __init__(self, app) -> None:
-        self.app = app
-
-    def __call__(self, environ, start_response):
-        if "Credential=DENIED" in environ.get("HTTP_AUTHORIZATION", ""):
-            body = b"<Error><Code>AccessDenied</Code><Message>denied</Message></Error>"
-            start_response("403 Forbidden", [("Content-Type", "application/xml")])
-            return [body]
-        return self.app(environ, start_response)
 
 
 @pytest.fixture(scope="module")
@@ -51,33 +34,12 @@ def local_roots() -> Path:
     return base / "jax"
 
 
-@pytest.fixture(scope="module")
-def s3():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    server._server.app = Deny(server._server.app)
-    host, port = server.get_host_and_port()
-    env = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": SECRET,
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-        "AWS_EC2_METADATA_DISABLED": "true",
-        "AWS_MAX_ATTEMPTS": "1",
-        "AWS_CONFIG_FILE": "/nonexistent/wavg-test-config",
-        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/wavg-test-credentials",
-    }
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
-            mp.setenv(key, value)
-        import boto3
-
-        client = boto3.client("s3")
-        client.create_bucket(Bucket=BUCKET)
-        yield client
-    server.stop()
+@pytest.fixture
+def s3(s3):
+    """conftest's moto server (its recorder answers the key id DENIED... with a 403); these
+    tests need only its client."""
+    client, _ = s3
+    return client
 
 
 @pytest.fixture(autouse=True)
@@ -211,10 +173,7 @@ def test_a_missing_step_is_one_line_naming_its_url(s3, local_roots, tmp_path):
 
 
 def test_an_unreachable_endpoint_is_one_line_after_bounded_retries(s3, monkeypatch, tmp_path):
-    with socket.socket() as sock:  # a port nobody listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", unused_endpoint())
     url = f"s3://{BUCKET}/run/functional"
     _refused(tmp_path, url, words=(url, "cannot reach the storage endpoint"))
 

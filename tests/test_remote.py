@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -13,7 +12,7 @@ import threading
 import numpy as np
 import pytest
 from conftest import SAMPLES, h5_tensors
-from helpers_remote import BUCKET, SECRET, get, keys, put
+from helpers_remote import BUCKET, SECRET, get, keys, put, unused_endpoint
 from hypothesis import given
 from hypothesis import strategies as st
 from kerasfiles import assert_one_line_error, run_wavg
@@ -191,10 +190,7 @@ def test_bad_urls_are_one_line_errors_naming_them_without_secrets(
 
 
 def test_an_unreachable_endpoint_is_one_line_after_retries(s3, monkeypatch, tmp_path):
-    with socket.socket() as sock:  # a port nobody listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", unused_endpoint())
     url = f"s3://{BUCKET}/any/model_1.h5"
     code, _, err = run_wavg("combine", url, "-o", tmp_path / "avg.h5")
     assert_one_line_error(code, err, url, "cannot reach the storage endpoint")
