@@ -135,6 +135,9 @@ def test_kill_9_at_random_moments_leaves_the_previous_file_or_a_complete_one(big
 # written: the signal always lands mid-write, however fast or busy the machine.
 _SIGNAL_MID_WRITE = """
 import os, signal, sys
+# Ctrl-C's handler, as a terminal's child has it: a job started in the background (as CI
+# runners may start the suite) inherits SIGINT ignored, and Python then keeps ignoring it.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import wavg.checkpoint.h5file as h5file
 real = h5file.H5Writer.write
 def write_then_signal(self, *args):
