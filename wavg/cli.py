@@ -223,6 +223,14 @@ def combine(
         )
 
 
+def _on_terminal() -> bool:
+    """Whether stderr is a terminal (False when it is closed or missing)."""
+    try:
+        return sys.stderr is not None and sys.stderr.isatty()
+    except (AttributeError, ValueError):  # no isatty, or a closed file
+        return False
+
+
 @functools.cache
 def _stderr() -> Console:
     """The console for tables, warnings and progress on stderr (created on first use)."""
@@ -253,7 +261,7 @@ def _render_plan(plan: CombinePlan, warnings: list[str]) -> None:
         name = path.name if one_directory else str(path)
         label = f"{name} (newest)" if i == len(rows) - 1 else name
         cells.append((str(i + 1), label, "" if epoch is None else str(epoch), f"{weight:.4f}"))
-    if not sys.stderr.isatty():
+    if not _on_terminal():
         widths = [max(len(row[c]) for row in [header, *cells]) for c in range(len(header))]
         lines = [title]
         for row in [header, *cells]:
@@ -283,7 +291,7 @@ def _render_plan(plan: CombinePlan, warnings: list[str]) -> None:
 
 def _warn(warning: str) -> None:
     """A warning on stderr: wrapped to a terminal's width, one line in a log."""
-    if sys.stderr.isatty():
+    if _on_terminal():
         _stderr().print(f"wavg: warning: {warning}", markup=False, highlight=False)
     else:
         click.echo(f"wavg: warning: {warning}", err=True)
@@ -292,7 +300,7 @@ def _warn(warning: str) -> None:
 @contextlib.contextmanager
 def _progress_bar() -> Iterator[Callable[[int, int], None] | None]:
     """A progress bar on stderr, only on a terminal and only for work worth watching."""
-    if not sys.stderr.isatty() or not _stderr().is_terminal:
+    if not _on_terminal() or not _stderr().is_terminal:
         yield None
         return
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
