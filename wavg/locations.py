@@ -78,6 +78,15 @@ class Url:
 Location = Path | Url
 
 
+def is_plain_relative_path(name: str) -> bool:
+    """Whether `name` is a relative path of plain segments joined by ``/``: no empty, ``.``
+    or ``..`` segment (so no leading ``/``), no backslash and no NUL. Names a checkpoint
+    gives for its own files must be such paths, or a copy of them could land outside."""
+    return not (
+        any(s in ("", ".", "..") for s in name.split("/")) or any(c in name for c in "\\\0")
+    )
+
+
 def as_location(name: str | os.PathLike[str] | Url) -> Location:
     """A `Url` for a URL (``file://`` becomes the local `Path` it names), else a `Path`."""
     if isinstance(name, Url | Path):

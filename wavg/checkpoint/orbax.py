@@ -38,6 +38,7 @@ from wavg.errors import (
     UnsafeCheckpoint,
     WavgError,
 )
+from wavg.locations import is_plain_relative_path
 from wavg.signals import signals_held
 
 if TYPE_CHECKING:
@@ -513,8 +514,7 @@ def _parse_location(location: str, step: str) -> tuple[str, str]:
         raise CheckpointError(step, f"damaged OCDBT reference {location!r}")
     kind, base, relative = parts[0], parts[1], parts[2]
     file = base + relative
-    components = file.split("/")
-    if file.startswith("/") or "\\" in file or any(c in ("", ".", "..") for c in components):
+    if not is_plain_relative_path(file):
         raise UnsafeCheckpoint(step, f"its OCDBT store points outside the step ({file})")
     return kind, file
 

@@ -25,7 +25,7 @@ from wavg.checkpoint.orbax_steps import (
     check_enough,
 )
 from wavg.errors import CheckpointError, InputChanged, UnsafeCheckpoint, WavgError
-from wavg.locations import redact
+from wavg.locations import is_plain_relative_path, redact
 
 SCHEMES = {"s3": "s3", "gs": "gcs"}  # URL scheme -> TensorStore kvstore driver
 MANIFEST = f"{PYTREE}/manifest.ocdbt"
@@ -186,7 +186,7 @@ def list_keys(kv: Any, display: str, checked: bool = True) -> list[str]:
     directory); a listing that only decides whether the prefix is Orbax's is not checked."""
     keys = sorted(k.decode("utf-8", "replace") for k in _wait(kv.list(), display))
     for key in keys if checked else ():
-        if key.startswith("/") or "\\" in key or any(p in ("", ".", "..") for p in key.split("/")):
+        if not is_plain_relative_path(key):
             raise UnsafeCheckpoint(display, f"holds an object with an unusable name {key!r}")
     return keys
 

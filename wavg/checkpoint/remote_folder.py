@@ -14,7 +14,7 @@ from wavg.checkpoint.inputfile import InputFile
 from wavg.checkpoint.keras_dir import CONFIG, WEIGHTS, check_copied_size, check_file_count
 from wavg.checkpoint.remote import RemoteFile, _retrying, filesystem
 from wavg.errors import CheckpointError, UnsafeCheckpoint
-from wavg.locations import redact
+from wavg.locations import is_plain_relative_path, redact
 
 
 class RemoteTree:
@@ -69,6 +69,5 @@ class RemoteTree:
 
 
 def _check_name(relative: str, path: str) -> None:
-    segments = relative.split("/")
-    if any(s in ("", ".", "..") for s in segments) or any(c in relative for c in "\\\0"):
+    if not is_plain_relative_path(relative):
         raise UnsafeCheckpoint(path, f"holds an object named {relative!r}, not a plain path")
