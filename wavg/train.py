@@ -128,12 +128,7 @@ def case_study_model(
         ],
         name="case_study",
     )
-    net.compile(
-        loss="categorical_crossentropy",
-        optimizer=_optimizer(keras, optimizer, learning_rate),
-        metrics=["accuracy"],
-    )
-    return net
+    return _compiled(keras, net, optimizer, learning_rate)
 
 
 def digits_model(keras: Any, optimizer: str = "adam", learning_rate: float | None = None) -> Any:
@@ -152,6 +147,11 @@ def digits_model(keras: Any, optimizer: str = "adam", learning_rate: float | Non
         ],
         name="digits_convbn",
     )
+    return _compiled(keras, net, optimizer, learning_rate)
+
+
+def _compiled(keras: Any, net: Any, optimizer: str, learning_rate: float | None) -> Any:
+    """`net` compiled for classification, as both built-in models are."""
     net.compile(
         loss="categorical_crossentropy",
         optimizer=_optimizer(keras, optimizer, learning_rate),
