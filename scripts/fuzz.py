@@ -357,8 +357,8 @@ def digest(paths: list[Path]) -> list[tuple[str, int]]:
 def run_case(case: dict, seeds: Path, work: Path) -> dict:
     """Build, run and judge one case in `work` (emptied first). Never raises."""
     import wavg
-    from wavg.checkpoint import open_checkpoint
     from wavg.errors import WavgError
+    from wavg.formats.registry import open_checkpoint
 
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)

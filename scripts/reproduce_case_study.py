@@ -21,8 +21,8 @@ import sys
 import tempfile
 import time
 
-from wavg.evaluate import evaluate
-from wavg.train import train_save
+from wavg.workflows.evaluate import evaluate
+from wavg.workflows.train import train_save
 
 
 def run_seed(seed: int, args: argparse.Namespace) -> dict[str, list[float]]:

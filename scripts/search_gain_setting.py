@@ -19,8 +19,8 @@ import sys
 import tempfile
 import time
 
-from wavg.evaluate import evaluate
-from wavg.train import train_save
+from wavg.workflows.evaluate import evaluate
+from wavg.workflows.train import train_save
 
 
 def parse_setting(text: str) -> dict:

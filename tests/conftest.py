@@ -174,7 +174,7 @@ def assert_exact_average(got: np.ndarray, members: list[np.ndarray], weights) ->
     It must match numpy.average (rtol 1e-6, the contract), and each element must be the
     true mean correctly rounded (within half a unit in the last place, with a hair of slack
     for a true mean that sits on a rounding tie) or no farther from it than numpy.average.
-    Pass the raw weights wavg sums with (`wavg.schemes.raw_weights`) so that the true mean
+    Pass the raw weights wavg sums with (`wavg.averaging.schemes.raw_weights`) so that the true mean
     (taken in extended precision) is the one wavg computes.
     """
     dtype = members[0].dtype

@@ -43,7 +43,7 @@ def scratch_dir(prefix: str) -> Path:
 @functools.cache
 def short_run(seed: int = 1, epochs: int = 12, keep: int = 4, fmt: str = "h5") -> tuple[Path, ...]:
     """The case-study model trained briefly; its last `keep` checkpoints, oldest first."""
-    from wavg.train import train_save
+    from wavg.workflows.train import train_save
 
     out = scratch_dir(f"wavg-run-{seed}-{fmt}-")
     return tuple(train_save(out, epochs=epochs, keep=keep, seed=seed, fmt=fmt).files)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from wavg import atomic
-from wavg.atomic import TMP_MARKER, atomic_output
+from wavg.storage import atomic
+from wavg.storage.atomic import TMP_MARKER, atomic_output
 
 
 def test_an_interrupt_just_after_the_temporary_file_appears_leaves_no_file(tmp_path, monkeypatch):

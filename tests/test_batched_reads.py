@@ -19,7 +19,7 @@ import pytest
 from conftest import FORMATS, assert_exact_average, h5_tensors
 
 import wavg
-from wavg.schemes import raw_weights
+from wavg.averaging.schemes import raw_weights
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 

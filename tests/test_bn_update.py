@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from kerasfiles import assert_one_line_error, run_wavg
 
-from wavg.bn_update import bn_update
+from wavg.workflows.bn_update import bn_update
 
 # `backend`: `make test` runs these again on JAX (KERAS_BACKEND=jax).
 pytestmark = pytest.mark.backend

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import wavg
-from wavg.checkpoint import iter_blocks
 from wavg.errors import CheckpointMismatch, NonFiniteValues, UsageError
+from wavg.formats.registry import iter_blocks
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -335,7 +335,7 @@ def test_outside_the_averaged_tensors_the_output_is_the_newest_file_byte_for_byt
 ):
     import zipfile
 
-    from wavg.checkpoint import open_checkpoint
+    from wavg.formats.registry import open_checkpoint
 
     files = runs["conv_bn"].files[fmt]
     out = tmp_path / f"avg.{fmt}"

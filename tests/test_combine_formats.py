@@ -17,7 +17,7 @@ import pytest
 from conftest import FORMATS, assert_exact_average, h5_tensors, reference_average
 
 import wavg
-from wavg.schemes import raw_weights
+from wavg.averaging.schemes import raw_weights
 
 SCHEMES = [("equal", {}), ("linear", {}), ("exp", {"alpha": 0.7})]
 

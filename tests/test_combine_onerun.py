@@ -1,7 +1,7 @@
 """combine warns when its inputs do not look like epochs of one training run.
 
 The distance of each input to the newest is measured during the averaging pass, on a
-sample of the weights; the limit is the one `wavg evaluate` uses (wavg.onerun).
+sample of the weights; the limit is the one `wavg evaluate` uses (wavg.averaging.onerun).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 from kerasfiles import run_wavg, short_run
 
 import wavg
-from wavg.onerun import SPREAD_LIMIT, distance_warnings
+from wavg.averaging.onerun import SPREAD_LIMIT, distance_warnings
 
 WARNING = "differs from the newest checkpoint"
 

@@ -138,7 +138,7 @@ import os, signal, sys
 # Ctrl-C's handler, as a terminal's child has it: a job started in the background (as CI
 # runners may start the suite) inherits SIGINT ignored, and Python then keeps ignoring it.
 signal.signal(signal.SIGINT, signal.default_int_handler)
-import wavg.checkpoint.h5file as h5file
+import wavg.formats.h5file as h5file
 real = h5file.H5Writer.write
 def write_then_signal(self, *args):
     real(self, *args)

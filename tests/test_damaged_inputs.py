@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 
 import wavg
-import wavg.checkpoint.base
+import wavg.formats.base
 from wavg.errors import CheckpointError, CheckpointMismatch, InputChanged, NonFiniteValues
 
-COMBINE_MODULE = importlib.import_module("wavg.combine")  # `wavg.combine` is the function
+COMBINE_MODULE = importlib.import_module("wavg.averaging.engine")
 
 
 def refused(args, capfd, inputs, names, code=1) -> str:
@@ -379,8 +379,8 @@ def test_an_input_changed_under_the_cli_is_one_line_naming_it(
 
     # Tensor bytes are read with readinto (one block) or readv (a batch of small tensors).
     for method in ("readinto", "readv"):
-        real = getattr(wavg.checkpoint.inputfile.InputFile, method)
-        monkeypatch.setattr(wavg.checkpoint.inputfile.InputFile, method, grow_after(real))
+        real = getattr(wavg.storage.local.InputFile, method)
+        monkeypatch.setattr(wavg.storage.local.InputFile, method, grow_after(real))
     with hs.inputs_untouched([inputs[0], inputs[2]]):
         result = hs.run_cli(["combine", *inputs, "-o", tmp_path / "avg.h5"], capfd)
     hs.assert_one_line_error(result, [victim, "changed"])

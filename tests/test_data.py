@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from kerasfiles import assert_one_line_error, run_wavg
 
-from wavg.data import DataError, blobs, check_fits_model, load_data, load_npz
+from wavg.workflows.data import DataError, blobs, check_fits_model, load_data, load_npz
 
 
 def _write_npz(path, **arrays):

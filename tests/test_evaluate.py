@@ -1,4 +1,4 @@
-"""evaluate: single checkpoints, weight averages (via wavg.combine) and the output ensemble."""
+"""evaluate: single checkpoints, weight averages (via wavg.averaging.engine) and the output ensemble."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ import pytest
 from click.testing import CliRunner
 from kerasfiles import assert_one_line_error, run_wavg, scratch_dir, short_run
 
+from wavg.averaging.onerun import one_run_warnings
 from wavg.cli import cli
-from wavg.data import blobs
-from wavg.evaluate import SCHEMA, evaluate, one_run_warnings
-from wavg.model_loading import import_keras
+from wavg.workflows.data import blobs
+from wavg.workflows.evaluate import SCHEMA, evaluate
+from wavg.workflows.model_loading import import_keras
 
 # `backend`: `make test` runs these again on JAX (KERAS_BACKEND=jax).
 pytestmark = [pytest.mark.backend, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
@@ -133,7 +134,7 @@ def test_table_marks_and_plot_is_a_valid_png(run, tmp_path):
 
 
 def test_a_regression_model_compiled_with_mae_is_scored_with_its_loss(tmp_path):
-    from wavg.train import train_save
+    from wavg.workflows.train import train_save
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(60, 3)).astype("float32")

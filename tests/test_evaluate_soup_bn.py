@@ -8,11 +8,11 @@ from kerasfiles import assert_one_line_error, run_wavg, short_run
 from test_soup import digits_run
 
 import wavg
-from wavg.bn_update import bn_update
-from wavg.data import blobs, digits
-from wavg.evaluate import evaluate
-from wavg.model_loading import import_keras
-from wavg.soup import soup
+from wavg.workflows.bn_update import bn_update
+from wavg.workflows.data import blobs, digits
+from wavg.workflows.evaluate import evaluate
+from wavg.workflows.model_loading import import_keras
+from wavg.workflows.soup import soup
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

@@ -113,7 +113,7 @@ def test_the_keras_backend_is_read_as_keras_reads_it(monkeypatch, tmp_path):
 
 def test_no_wavg_module_imports_tensorflow_except_to_make_it_deterministic():
     """Keras-side code goes through Keras (keras.ops, numpy); TensorFlow only for op
-    determinism, and only when it is the backend (`wavg.train.make_deterministic`)."""
+    determinism, and only when it is the backend (`wavg.workflows.train.make_deterministic`)."""
     package = Path(__file__).resolve().parent.parent / "wavg"
     found = []
     for path in sorted(package.rglob("*.py")):

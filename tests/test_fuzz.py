@@ -156,7 +156,7 @@ def test_the_judge_accepts_an_untouched_pair_and_catches_a_wrong_average(seeds, 
 # Cases the fuzzer found (each was a bug, fixed since): replayed on every run.
 REGRESSIONS = {
     # An attribute name that is not UTF-8 (h5py lists it as bytes): AttributeError in the
-    # skeleton copy; fixed in wavg/checkpoint/skeleton.py.
+    # skeleton copy; fixed in wavg/formats/hdf5/skeleton.py.
     "attribute_name_not_utf8": {
         "kind": "h5",
         "layer": "outer",
@@ -165,7 +165,7 @@ REGRESSIONS = {
         "allow_nonfinite": False,
     },
     # A bit flip in a global heap collection inside a .keras archive: libhdf5 looped forever
-    # reading a string attribute; now refused by wavg/checkpoint/hdf5.py check_global_heaps.
+    # reading a string attribute; now refused by wavg/formats/hdf5/walk.py check_global_heaps.
     "global_heap_endless_loop": {
         "kind": "keras",
         "layer": "inner",
@@ -215,7 +215,7 @@ REGRESSIONS.update(
             "allow_nonfinite": False,
         },
         # A deflated archive whose central directory claims zip version 10.6: zipfile raised
-        # NotImplementedError. Refused in wavg/checkpoint/keras_zip.py.
+        # NotImplementedError. Refused in wavg/formats/keras_zip.py.
         "zip_version_unsupported": {
             "kind": "keras",
             "deflate": True,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from kerasfiles import tiny_model
 
-from wavg.model_loading import import_keras
+from wavg.workflows.model_loading import import_keras
 
 # Keras' own numpy-2 deprecation notices are not about wavg.
 # `backend`: `make test` runs these again on JAX (KERAS_BACKEND=jax).

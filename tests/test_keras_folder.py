@@ -19,7 +19,7 @@ import helpers_safety as hs
 import pytest
 
 import wavg
-from wavg import multifile
+from wavg.formats.commit import local as multifile
 
 KILL_TRIALS = 10
 

@@ -11,7 +11,12 @@ import pytest
 from kerasfiles import assert_one_line_error, run_wavg, short_run, tiny_model
 
 from wavg.errors import CheckpointError, UnsafeCheckpoint, WavgError
-from wavg.model_loading import import_keras, load_model, read_model_config, unsafe_references
+from wavg.workflows.model_loading import (
+    import_keras,
+    load_model,
+    read_model_config,
+    unsafe_references,
+)
 
 # `backend`: `make test` runs these again on JAX (KERAS_BACKEND=jax).
 pytestmark = [pytest.mark.backend, pytest.mark.filterwarnings("ignore::DeprecationWarning")]

@@ -28,8 +28,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kerasfiles import assert_one_line_error, run_wavg, scratch_dir
 
-from wavg.checkpoint.orbax import _parse_location, box_at, chunk_boxes
 from wavg.errors import UnsafeCheckpoint
+from wavg.formats.orbax.step import _parse_location, box_at, chunk_boxes
 
 JOB = Path(__file__).with_name("orbax_keras_job.py")
 REPO = JOB.parent.parent
@@ -436,7 +436,7 @@ def test_chunks_larger_than_a_block_are_averaged_alone_with_weights_in_float64(r
     """A chunk of more items than a block (every Orbax array here, with 4-item blocks) is
     averaged alone, its weighted terms added a block at a time: the result is still the
     float64 weighted mean rounded once."""
-    from wavg.combine import plan_combine, run_plan
+    from wavg.averaging.engine import plan_combine, run_plan
 
     root = runs / "jax" / "functional"
     steps = [root / str(i) for i in (1, 2, 3)]

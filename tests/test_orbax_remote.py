@@ -21,7 +21,7 @@ from helpers_remote import BUCKET, SECRET, unused_endpoint
 from kerasfiles import assert_one_line_error, run_wavg, scratch_dir
 from test_orbax import _array, _jobs, _names
 
-from wavg.checkpoint import remote
+from wavg.storage import remote
 
 pytestmark = pytest.mark.slow
 

@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from wavg import order_checkpoints
+from wavg.averaging.ordering import epoch_numbers
 from wavg.errors import UsageError
-from wavg.ordering import epoch_numbers
 
 
 def test_natural_sort_puts_epoch_10_after_9():

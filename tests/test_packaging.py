@@ -56,7 +56,7 @@ def core_venv(tmp_path_factory) -> Path:
     assert {"pyproject.toml", "README.md", "wavg/cli.py", "wavg/extras.py"} <= names
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
-    assert {"wavg/cli.py", "wavg/extras.py", "wavg/checkpoint/hdf5.py"} <= names
+    assert {"wavg/cli.py", "wavg/extras.py", "wavg/formats/hdf5/walk.py"} <= names
     assert not [n for n in names if n.startswith("tests/")]
 
     venv = tmp / "venv"

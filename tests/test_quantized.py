@@ -310,7 +310,7 @@ def test_requantize_averages_the_float_layers_of_a_mixed_model_as_usual(tmp_path
 
 @pytest.mark.parametrize(("mode", "fmt"), [("int8", "weights.h5"), ("int4/4", "weights.h5")])
 def test_requantize_gives_the_same_bytes_whatever_the_block_size(mode, fmt, tmp_path):
-    from wavg.combine import plan_combine, run_plan
+    from wavg.averaging.engine import plan_combine, run_plan
 
     paths, _ = _checkpoints(mode, fmt)
     plan = plan_combine(paths, scheme="linear")
@@ -332,8 +332,8 @@ def test_the_python_api_refuses_an_unknown_quantized_policy(tmp_path):
 
 
 def test_model_loading_refuses_quantized_files_before_keras_reads_them():
-    from wavg.checkpoint.quantized import QuantizedCheckpoint
-    from wavg.model_loading import load_model, load_weights
+    from wavg.formats.quantized import QuantizedCheckpoint
+    from wavg.workflows.model_loading import load_model, load_weights
 
     with pytest.raises(QuantizedCheckpoint, match="int8-quantized"):
         load_model(_checkpoints("int8", "keras")[0][0])
@@ -358,8 +358,8 @@ def test_model_loading_refuses_quantized_files_before_keras_reads_them():
 def test_blockwise_requantize_math_equals_keras_quantizers(
     rows, cols, axis, mode, block_rows, seed, offset
 ):
-    from wavg.checkpoint.quantized import Geometry
-    from wavg.requantize import Statistics, quantize
+    from wavg.averaging.requantize import Statistics, quantize
+    from wavg.formats.quantized import Geometry
 
     name, _, size = mode.partition("/")
     block = int(size) if size else None

@@ -17,9 +17,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from kerasfiles import assert_one_line_error, run_wavg
 
-from wavg.checkpoint import open_source, remote
-from wavg.evaluate import evaluate
-from wavg.locations import Url, redact
+from wavg.formats.registry import open_source
+from wavg.storage import remote
+from wavg.storage.locations import Url, redact
+from wavg.workflows.evaluate import evaluate
 
 
 @pytest.fixture(autouse=True)

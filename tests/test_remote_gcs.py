@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from kerasfiles import assert_one_line_error, run_wavg
 
-from wavg.checkpoint import remote
+from wavg.storage import remote
 
 BUCKET = "wavg-gcs-test"
 

@@ -20,7 +20,7 @@ import pytest
 from helpers_remote import BUCKET, keys
 from kerasfiles import assert_one_line_error, run_wavg
 
-from wavg.checkpoint import remote
+from wavg.storage import remote
 
 TOKEN = re.compile(r"\.wavg-([0-9a-f]{8})\.weights\.h5$")
 

@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from wavg import scheme_weights
+from wavg.averaging.schemes import parse_weight_list
 from wavg.errors import UsageError
-from wavg.schemes import parse_weight_list
 
 counts = st.integers(min_value=1, max_value=500)
 alphas = st.floats(min_value=1e-3, max_value=1e6, allow_nan=False, allow_infinity=False)

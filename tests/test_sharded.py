@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 import wavg
 from wavg.errors import InputChanged
-from wavg.multifile import placeholder_bytes
+from wavg.formats.commit.local import placeholder_bytes
 
 KILL_TRIALS = 16
 
@@ -316,7 +316,7 @@ def test_dying_before_each_step_of_the_commit_leaves_a_loadable_previous_or_new_
 def test_shards_past_the_descriptor_budget_are_reopened_per_read_with_the_same_result(
     run, tmp_path, monkeypatch
 ):
-    from wavg.checkpoint import composite
+    from wavg.formats import composite
 
     kept = tmp_path / "kept.weights.json"
     wavg.combine(run.sharded, kept)
@@ -351,8 +351,8 @@ def test_sigterm_while_writing_removes_what_the_run_wrote_and_keeps_the_previous
 
 @given(st.text(min_size=0, max_size=40))
 def test_a_shard_name_the_index_check_accepts_never_leaves_the_index_folder(name):
-    from wavg.checkpoint.shard_index import check_shard_name
     from wavg.errors import UnsafeCheckpoint
+    from wavg.formats.sharded.index import check_shard_name
 
     folder = Path("/data/run")
     try:

@@ -9,8 +9,7 @@ import threading
 
 import pytest
 
-# wavg.combine is also the public function's name: reach the module itself.
-core = importlib.import_module("wavg.combine")
+core = importlib.import_module("wavg.averaging.engine")
 
 
 class Stop(Exception):

@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 from kerasfiles import assert_one_line_error, run_wavg, scratch_dir, short_run
 
 import wavg
-from wavg.bn_update import bn_update
-from wavg.data import blobs, blobs_validation, digits
-from wavg.model_loading import import_keras
-from wavg.soup import SCHEMA, greedy, rank, soup
+from wavg.workflows.bn_update import bn_update
+from wavg.workflows.data import blobs, blobs_validation, digits
+from wavg.workflows.model_loading import import_keras
+from wavg.workflows.soup import SCHEMA, greedy, rank, soup
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @functools.cache
 def digits_run() -> tuple:
     """Three epochs of the built-in Conv+BN digits model at a high learning rate."""
-    from wavg.train import train_save
+    from wavg.workflows.train import train_save
 
     out = scratch_dir("wavg-digits-")
     result = train_save(

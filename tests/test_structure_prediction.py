@@ -14,8 +14,8 @@ from pathlib import Path
 
 import h5py
 
-from wavg.checkpoint import open_checkpoint
 from wavg.errors import CheckpointError
+from wavg.formats.registry import open_checkpoint
 
 SAMPLES = sorted(Path(__file__).parent.parent.joinpath("sample_checkpoints").glob("*.h5"))
 

@@ -11,7 +11,7 @@ import pytest
 from kerasfiles import assert_one_line_error, run_wavg, short_run
 
 from wavg.errors import UsageError
-from wavg.train import train_save
+from wavg.workflows.train import train_save
 
 # `backend`: `make test` runs these again on JAX (KERAS_BACKEND=jax).
 pytestmark = [pytest.mark.backend, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
@@ -118,7 +118,7 @@ def test_the_learning_rate_and_batch_size_reach_the_optimizer_and_fit(tmp_path):
 
 def test_importing_wavg_and_its_cli_does_not_import_tensorflow_or_keras():
     code = (
-        "import sys, wavg, wavg.cli, wavg.data, wavg.model_loading, wavg.evaluate, wavg.plot;"
+        "import sys, wavg, wavg.cli, wavg.workflows.data, wavg.workflows.model_loading, wavg.workflows.evaluate, wavg.workflows.plot;"
         "bad = [m for m in ('tensorflow', 'keras') if m in sys.modules];"
         "print(*bad); sys.exit(1 if bad else 0)"
     )

@@ -17,14 +17,17 @@ from typing import TYPE_CHECKING
 
 import click
 
-import wavg.blas_threads  # noqa: F401  (first: it must run before numpy loads)
+from wavg import _runtime
+
+_runtime.one_blas_thread()  # first: it must run before numpy loads
+
 from wavg import __version__
-from wavg.combine import CombinePlan, CombineSummary, plan_combine, run_plan
+from wavg.averaging.engine import CombinePlan, CombineSummary, plan_combine, run_plan
+from wavg.averaging.ordering import ORDERS
+from wavg.averaging.quantized import POLICIES
+from wavg.averaging.schemes import DEFAULT_ALPHA, SCHEMES, parse_weight_list
 from wavg.errors import EXIT_INTERRUPTED, EXIT_USAGE, UsageError, WavgError
 from wavg.extras import missing_reported, require
-from wavg.ordering import ORDERS
-from wavg.quantized_combine import POLICIES
-from wavg.schemes import DEFAULT_ALPHA, SCHEMES, parse_weight_list
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -440,7 +443,7 @@ def train_save_command(
     quiet: bool,
 ) -> None:
     """Train the case-study model (or --model) and keep its last K epochs as checkpoints."""
-    from wavg.train import train_save
+    from wavg.workflows.train import train_save
 
     with _step_progress(enabled=not quiet) as progress:
         task = progress.add_task("training", total=epochs)
@@ -517,8 +520,8 @@ def evaluate_command(
 ) -> None:
     """Score single checkpoints, weight averages, the greedy soup and the ensemble of the n
     newest, n = 1...N."""
-    from wavg.evaluate import evaluate, parse_list
-    from wavg.plot import check_plot_path, plot_evaluation
+    from wavg.workflows.evaluate import evaluate, parse_list
+    from wavg.workflows.plot import check_plot_path, plot_evaluation
 
     if as_json and as_csv:
         raise UsageError("give --json or --csv, not both")
@@ -583,7 +586,7 @@ def bn_update_command(
     Example:
       wavg bn-update avg.keras --data train.npz -o avg_bn.keras
     """
-    from wavg.bn_update import bn_update
+    from wavg.workflows.bn_update import bn_update
 
     result = bn_update(
         avg,
@@ -658,7 +661,7 @@ def soup_command(
     Example:
       wavg soup ckpt/model_49*.h5 --data blobs -o soup.h5
     """
-    from wavg.soup import soup
+    from wavg.workflows.soup import soup
 
     def show(step, path) -> None:
         verdict = "kept" if step.kept else "left out"
@@ -696,7 +699,7 @@ def _render_evaluation(result, metric: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from wavg.evaluate import higher_is_better
+    from wavg.workflows.evaluate import higher_is_better
 
     direction = "higher" if higher_is_better(metric) else "lower"
     table = Table(title=f"test {metric} on {result.data} ({direction} is better, * best)")

@@ -1,0 +1,2 @@
+"""Sharded Keras weights (``.weights.json`` + shards): the untrusted index (`index`) and
+the reader over its shards (`reader`)."""

@@ -1,0 +1,7 @@
+"""Where bytes live, knowing no checkpoint format.
+
+Locations and URLs (`locations`), quoted globs (`globs`), the byte-source contract every
+reader reads through (`bytesource`) with its local (`local`) and object-storage (`remote`)
+implementations, and atomic local writes (`atomic`). Nothing here parses a checkpoint:
+formats sit on top (`wavg.formats`) and this package never imports them.
+"""

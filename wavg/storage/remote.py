@@ -1,0 +1,625 @@
+"""Checkpoints in object storage (s3://, gs://, any fsspec URL) as byte sources like `InputFile`.
+
+A `RemoteFile` pins the object's size and ETag/generation at open, serves small reads (zip
+and HDF5 metadata) from a page cache, and fetches the ranges it is told will be read
+(`will_read`) ahead of the reader: coalesced, in chunks, several at once, within one memory
+budget shared by every input. Averaging never downloads a whole object and never writes to
+an input; `download` (for evaluate) and `upload` (for outputs) are the only whole-object
+transfers. fsspec and its backends are imported only here, and only when a URL is met.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import heapq
+import itertools
+import os
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from wavg._runtime import signals_held
+from wavg.errors import CheckpointError, InputChanged, OutputError, UsageError, WavgError
+from wavg.storage.local import Window
+from wavg.storage.locations import redact
+
+PAGE = 32 << 10  # metadata reads are served from pages of this size
+SMALL_READ = 4 * PAGE  # reads up to this size go through the page cache
+MAX_PAGES = 1024  # per input: 32 MiB of cached metadata at most
+GAP = 64 << 10  # planned ranges closer than this are fetched as one
+CHUNK = 32 << 20  # largest single prefetch request (a request costs latency, not bytes)
+MIN_CHUNK = 256 << 10
+BUDGET = 256 << 20  # bytes fetched ahead and not yet read, over all inputs
+FETCHERS = 16  # concurrent prefetch requests
+ATTEMPTS = 4  # tries per request for transient errors (the backend may retry inside each)
+BACKOFF_SECONDS = 0.5  # doubled after each failed try
+
+_EXTRAS = {"s3": "wavg[s3]", "s3a": "wavg[s3]", "gs": "wavg[gcs]", "gcs": "wavg[gcs]"}
+_BUCKETED = ("s3", "s3a", "gs", "gcs")
+_UNREACHABLE = (
+    "EndpointConnectionError",
+    "ConnectTimeoutError",
+    "ConnectionClosedError",
+    "ReadTimeoutError",
+    "ClientConnectorError",
+    "ClientConnectionError",
+    "ServerDisconnectedError",
+)
+_BROKEN = ("HTTPClientError", "ResponseParserError", "IncompleteRead", "ClientPayloadError")
+_NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError")
+_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
+_TRANSIENT_ERRNOS = {
+    getattr(errno, "EREMOTEIO", 121),
+    errno.EBUSY,
+    errno.ETIMEDOUT,
+    errno.ECONNRESET,
+    errno.EAGAIN,
+}
+
+T = TypeVar("T")
+
+
+class IsAPrefix(CheckpointError):
+    """The URL names a prefix (a "folder" of objects), not an object: perhaps a model folder."""
+
+
+# ---------------------------------------------------------------------------------------------
+# errors: one line, no secrets
+
+
+def scrub(text: object) -> str:
+    """A backend's message made safe to show: one line, short, without URL user info, query
+    strings or the values of credential variables in the environment."""
+    line = " ".join(str(text).split())
+    line = re.sub(r"([A-Za-z][A-Za-z0-9+.-]+://)[^/\s@]+@", r"\1***@", line)
+    line = re.sub(r"\?[^\s'\"]+", "?***", line)
+    for var in _SECRET_ENV:
+        value = os.environ.get(var, "")
+        if len(value) >= 4:
+            line = line.replace(value, "***")
+    return line[:200] or "unknown error"
+
+
+def _changed(exc: BaseException) -> bool:
+    if type(exc).__name__ == "FileExpired":
+        return True
+    return isinstance(exc, OSError) and exc.errno == errno.EINVAL and "condition" in str(exc)
+
+
+def describe(exc: BaseException) -> tuple[str, bool]:
+    """``(problem, transient)`` for an exception from a storage backend."""
+    name = type(exc).__name__
+    if isinstance(exc, FileNotFoundError):
+        return ("no such bucket" if "bucket" in str(exc).lower() else "no such object"), False
+    if isinstance(exc, PermissionError):
+        return "access denied (check the credentials the backend found)", False
+    if name in _NO_CREDENTIALS:
+        return (
+            "no credentials found (wavg uses the backend's standard chain: environment, "
+            "config files, instance metadata)"
+        ), False
+    if name in _UNREACHABLE or isinstance(exc, ConnectionError | TimeoutError):
+        return "cannot reach the storage endpoint", True
+    if name in _BROKEN:
+        return f"the connection to the storage endpoint broke ({scrub(exc)})", True
+    if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
+        return f"storage service error ({scrub(exc.strerror or exc)})", True
+    if name == "NotADirectoryError" or isinstance(exc, IsADirectoryError):
+        return "is a directory (a prefix), not a checkpoint", False
+    return f"{name}: {scrub(exc)}", False
+
+
+def _retrying(call: Callable[[], T], display: str, error: type[WavgError] = CheckpointError) -> T:
+    """`call()`, retried with backoff on transient errors; a failure becomes one `error`
+    naming `display` (an `InputChanged` if the object changed under a conditional read)."""
+    delay = BACKOFF_SECONDS
+    for attempt in range(ATTEMPTS):
+        try:
+            return call()
+        except WavgError:
+            raise
+        except Exception as exc:
+            if _changed(exc):
+                raise InputChanged(display, "changed while it was being read") from None
+            problem, transient = describe(exc)
+            if not transient or attempt == ATTEMPTS - 1:
+                tries = f" after {ATTEMPTS} tries" if transient else ""
+                raise error(display, f"{problem}{tries}") from None
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------------------------------------
+# filesystems
+
+
+def filesystem(url: str) -> tuple[Any, str]:
+    """The fsspec filesystem and the object's path within it for `url`.
+
+    A missing fsspec or backend is a `UsageError` (exit 2) with the pip command to run; a URL
+    fsspec cannot parse is a `CheckpointError` naming it (redacted).
+    """
+    display = redact(url)
+    protocol = url.split("://", 1)[0].lower()
+    extra = _EXTRAS.get(protocol, "wavg[remote]")
+    try:
+        from fsspec.core import url_to_fs
+        from fsspec.registry import known_implementations
+    except ImportError:
+        raise UsageError(f"{display}: reading URLs needs fsspec: pip install '{extra}'") from None
+    try:
+        fs, path = url_to_fs(url)
+    except ImportError:
+        package = re.search(
+            r"[Ii]nstall (\S+)", known_implementations.get(protocol, {}).get("err", "")
+        )
+        hint = (
+            f"pip install '{extra}'"
+            if protocol in _EXTRAS or not package
+            else f"pip install {package[1]}"
+        )
+        problem = f"{protocol}:// needs a backend that is not installed: {hint}"
+        raise UsageError(f"{display}: {problem}") from None
+    except Exception as exc:
+        raise CheckpointError(display, f"not a usable URL ({scrub(exc)})") from None
+    if protocol in _BUCKETED and "/" not in path.strip("/"):
+        raise CheckpointError(display, f"not an object URL (expected {protocol}://bucket/key)")
+    return fs, path
+
+
+def _bucket_missing(fs: Any, path: str) -> bool:
+    bucket = path.strip("/").split("/", 1)[0]
+    try:
+        fs.info(bucket)
+    except FileNotFoundError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+def _identity(info: dict) -> tuple:
+    """What must not change while an object is read: its size and version marker."""
+    for key in ("ETag", "etag", "generation", "md5Hash", "VersionId"):
+        if info.get(key):
+            return (info.get("size"), key, str(info[key]).strip('"'))
+    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        if info.get(key) is not None:
+            return (info.get("size"), key, str(info[key]))
+    return (info.get("size"),)
+
+
+def glob_urls(pattern: str) -> list[str]:
+    """The URLs matching a glob `pattern` on its backend, sorted: objects, and prefixes
+    (which may be model folders, as a local glob matches folders too)."""
+    fs, path = filesystem(pattern)
+    display = redact(pattern)
+    found = _retrying(lambda: fs.glob(path), display)
+    return sorted(fs.unstrip_protocol(p.rstrip("/")) for p in found)
+
+
+# ---------------------------------------------------------------------------------------------
+# prefetching, shared by every input
+
+
+PENDING, FETCHING, READY, DROPPED = range(4)
+
+
+class _Chunk:
+    """One planned request: bytes ``start … end`` of one input, the planned `spans` in it
+    (the gaps between them are fetched but never counted as read), and how many planned
+    bytes the reader has taken so far."""
+
+    __slots__ = ("start", "end", "spans", "useful", "consumed", "data", "state", "error", "key")
+
+    def __init__(self, start: int, end: int, spans: list[tuple[int, int]], key: tuple) -> None:
+        self.start, self.end, self.spans, self.key = start, end, spans, key
+        self.useful = sum(b - a for a, b in spans)
+        self.consumed = 0
+        self.data: bytes | None = None
+        self.state = PENDING
+        self.error: BaseException | None = None
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+    def planned(self, first: int, last: int) -> int:
+        """How many planned bytes lie in ``first … last``."""
+        return sum(max(0, min(b, last) - max(a, first)) for a, b in self.spans)
+
+
+class _Prefetcher:
+    """Fetches planned chunks of all inputs in the order the reader will want them.
+
+    The order key is (position in the reader's plan, offset in that range, input): the
+    averaging core reads one block of every input before the next block. At most `BUDGET`
+    bytes are held ahead of the reader; a reader that needs a chunk nobody fetched yet
+    fetches it itself, so a full budget slows prefetching down but never blocks a read.
+    """
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.heap: list[tuple[tuple, int, RemoteFile, _Chunk]] = []
+        self.used = 0
+        self._seq = itertools.count()
+        self._threads: list[threading.Thread] = []
+
+    def submit(self, file: RemoteFile, chunks: list[_Chunk]) -> None:
+        with self.cond:
+            for chunk in chunks:
+                heapq.heappush(self.heap, (chunk.key, next(self._seq), file, chunk))
+            # Held signals: one raised while `Thread.start` waits breaks threading's books.
+            with signals_held():
+                while len(self._threads) < FETCHERS:
+                    thread = threading.Thread(target=self._work, name="wavg-fetch", daemon=True)
+                    thread.start()
+                    self._threads.append(thread)
+            self.cond.notify_all()
+
+    def _work(self) -> None:
+        while True:
+            with self.cond:
+                while True:
+                    while self.heap and self.heap[0][3].state != PENDING:
+                        heapq.heappop(self.heap)
+                    if self.heap and (self.used == 0 or self.used + self.heap[0][3].size <= BUDGET):
+                        _, _, file, chunk = heapq.heappop(self.heap)
+                        chunk.state = FETCHING
+                        self.used += chunk.size
+                        break
+                    self.cond.wait()
+            self.fill(file, chunk)
+
+    def fill(self, file: RemoteFile, chunk: _Chunk) -> None:
+        """Fetch a chunk this thread has claimed (state FETCHING, counted in `used`)."""
+        data, error = None, None
+        try:
+            data = file.fetch(chunk.start, chunk.end)
+        except BaseException as exc:  # handed to the reader, who raises it
+            error = exc
+        with self.cond:
+            if chunk.state == DROPPED:  # its input was closed meanwhile
+                self.used -= chunk.size
+            else:
+                chunk.data, chunk.error, chunk.state = data, error, READY
+            self.cond.notify_all()
+
+    def take(self, file: RemoteFile, chunk: _Chunk, at: int, view: memoryview) -> bool:
+        """Copy bytes at `at` of `chunk` into `view`; False if the chunk is gone (read it
+        directly then)."""
+        with self.cond:
+            mine = chunk.state == PENDING
+            if mine:
+                chunk.state = FETCHING
+                self.used += chunk.size
+            while chunk.state == FETCHING and not mine:
+                self.cond.wait()
+        if mine:
+            self.fill(file, chunk)
+        with self.cond:
+            if chunk.state != READY:
+                return False
+            if chunk.error is not None:
+                raise chunk.error
+            assert chunk.data is not None
+            view[:] = memoryview(chunk.data)[at - chunk.start : at - chunk.start + len(view)]
+            chunk.consumed += chunk.planned(at, at + len(view))
+            if chunk.consumed >= chunk.useful:
+                self._drop(chunk)
+        return True
+
+    def _drop(self, chunk: _Chunk) -> None:
+        if chunk.state == READY:
+            self.used -= chunk.size
+        chunk.data, chunk.state = None, DROPPED
+        self.cond.notify_all()
+
+    def forget(self, chunks: Sequence[_Chunk]) -> None:
+        with self.cond:
+            for chunk in chunks:
+                if chunk.state in (PENDING, READY):
+                    self._drop(chunk)
+                elif chunk.state == FETCHING:
+                    chunk.state = DROPPED  # `fill` gives its budget back
+
+
+_prefetcher = _Prefetcher()
+
+
+def plan_chunks(ranges: Sequence[tuple[int, int]], seq: int, chunk: int = CHUNK) -> list[_Chunk]:
+    """Coalesce ``(offset, size)`` ranges (given in reading order) into chunks of at most
+    `chunk` bytes, each keyed by where the reader first needs it."""
+    order = sorted((off, off + size, i) for i, (off, size) in enumerate(ranges) if size > 0)
+    groups: list[list[tuple[int, int, int]]] = []
+    for item in order:
+        if groups and item[0] <= groups[-1][-1][1] + GAP:
+            groups[-1].append(item)
+        else:
+            groups.append([item])
+    chunks: list[_Chunk] = []
+    for group in groups:
+        start, end = group[0][0], max(last for _, last, _ in group)
+        for piece in range(start, end, chunk):
+            piece_end = min(piece + chunk, end)
+            inside = [
+                (max(a, piece), min(b, piece_end), i)
+                for a, b, i in group
+                if a < piece_end and b > piece
+            ]
+            if not inside:
+                continue
+            spans = [(a, b) for a, b, _ in inside]
+            first = min(inside, key=lambda r: (r[2], r[0]))
+            offset_in_range = first[0] - ranges[first[2]][0]
+            chunks.append(_Chunk(piece, piece_end, spans, (first[2], offset_in_range, seq)))
+    return chunks
+
+
+# ---------------------------------------------------------------------------------------------
+# the byte source
+
+
+_file_seq = itertools.count()
+
+
+class RemoteFile:
+    """An object in storage, read-only, with the methods of `InputFile`.
+
+    `path` is the redacted URL (what every message shows); the real URL stays private.
+    """
+
+    prefetches = True
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self.path = redact(url)
+        self.keep_open = True
+        self.bytes_fetched = 0
+        self.requests = 0
+        self._counter_lock = threading.Lock()
+        self._pages: OrderedDict[int, bytes] = OrderedDict()
+        self._page_lock = threading.Lock()
+        self._handle_lock = threading.Lock()
+        self._chunks: list[_Chunk] = []
+        self._starts: list[int] = []
+        self._seq = next(_file_seq)
+        self.fs, self._key = filesystem(url)
+        self._handle, info = self._open()
+        if info.get("type") == "directory":
+            raise IsAPrefix(self.path, "is a directory (a prefix), not a checkpoint")
+        self.size = int(info.get("size") or 0)
+        if self.size == 0:
+            raise CheckpointError(self.path, "is empty")
+        self.identity = _identity(info)
+
+    def _count(self, requests: int, nbytes: int = 0) -> None:
+        with self._counter_lock:
+            self.requests += requests
+            self.bytes_fetched += nbytes
+
+    def _open(self) -> tuple[Any, dict]:
+        def attempt() -> tuple[Any, dict]:
+            self.fs.invalidate_cache(self._key)
+            self._count(1)
+            handle = self.fs.open(self._key, "rb", cache_type="none")
+            info = getattr(handle, "details", None)
+            if not info:
+                self._count(1)
+                info = self.fs.info(self._key)
+            return handle, info
+
+        try:
+            return _retrying(attempt, self.path)
+        except CheckpointError as exc:
+            if exc.problem.startswith("is a directory"):
+                raise IsAPrefix(exc.path, exc.problem) from None
+            if exc.problem == "no such object" and _bucket_missing(self.fs, self._key):
+                raise CheckpointError(self.path, "no such bucket") from None
+            raise
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def fetch(self, start: int, end: int) -> bytes:
+        """Bytes ``start … end`` in one request (retried); short data is a truncation."""
+        from fsspec.spec import AbstractBufferedFile
+
+        def attempt() -> bytes:
+            self._count(1)
+            if isinstance(self._handle, AbstractBufferedFile):
+                data = self._handle._fetch_range(start, end)  # the backend's ranged GET
+            else:
+                with self._handle_lock:
+                    self._handle.seek(start)
+                    data = self._handle.read(end - start)
+            self._count(0, len(data))
+            return data
+
+        data = _retrying(attempt, self.path)
+        if len(data) != end - start:
+            raise CheckpointError(self.path, "truncated (shorter than when it was opened)")
+        return data
+
+    def read_at(self, offset: int, size: int) -> bytes:
+        """Exactly `size` bytes at `offset`."""
+        buffer = bytearray(size)
+        if self.readinto(offset, memoryview(buffer)) != size:
+            raise CheckpointError(self.path, "truncated")
+        return bytes(buffer)
+
+    def readinto(self, offset: int, buffer: memoryview) -> int:
+        """Fill `buffer` from `offset` (less only at the end of the object): from prefetched
+        chunks where planned, the page cache for small reads, else one direct request."""
+        end = min(offset + len(buffer), self.size)
+        if end <= offset:
+            return 0
+        pos = offset
+        i = max(0, bisect.bisect_right(self._starts, offset) - 1)
+        chunks = self._chunks
+        while pos < end and i < len(chunks):
+            chunk = chunks[i]
+            i += 1
+            if chunk.end <= pos:
+                continue
+            if chunk.start >= end:
+                break
+            if chunk.start > pos:
+                self._read_plain(pos, buffer[pos - offset : chunk.start - offset])
+                pos = chunk.start
+            stop = min(end, chunk.end)
+            view = buffer[pos - offset : stop - offset]
+            if not _prefetcher.take(self, chunk, pos, view):
+                self._read_plain(pos, view)
+            pos = stop
+        if pos < end:
+            self._read_plain(pos, buffer[pos - offset : end - offset])
+        return end - offset
+
+    def readv(self, offset: int, buffers: Sequence) -> int:
+        """Fill `buffers` in order from `offset` (less only at the end of the object). One
+        `readinto` each: ranged requests have no vectored form, and planned chunks already
+        span the run."""
+        done = 0
+        for buffer in buffers:
+            view = memoryview(buffer).cast("B")
+            part = self.readinto(offset + done, view)
+            done += part
+            if part != len(view):
+                break
+        return done
+
+    def _read_plain(self, pos: int, view: memoryview) -> None:
+        if len(view) > SMALL_READ:
+            view[:] = self.fetch(pos, pos + len(view))
+            return
+        first, last = pos // PAGE, (pos + len(view) - 1) // PAGE
+        with self._page_lock:
+            missing = [p for p in range(first, last + 1) if p not in self._pages]
+            if missing:
+                lo, hi = missing[0], missing[-1]
+                data = self.fetch(lo * PAGE, min(self.size, (hi + 1) * PAGE))
+                for p in range(lo, hi + 1):
+                    self._pages[p] = data[(p - lo) * PAGE : (p - lo + 1) * PAGE]
+            done = 0
+            for p in range(first, last + 1):
+                self._pages.move_to_end(p)
+                page = self._pages[p]
+                at = pos + done - p * PAGE
+                piece = page[at : at + len(view) - done]
+                view[done : done + len(piece)] = piece
+                done += len(piece)
+            while len(self._pages) > MAX_PAGES:
+                self._pages.popitem(last=False)
+
+    def will_read(self, ranges: Sequence[tuple[int, int]], readers: int = 1) -> None:
+        """Plan the ranges the reader will take, in its order, and start fetching them.
+
+        Chunks are sized so that one per reader fits the budget: with `readers` inputs read
+        in lockstep, each holds at most ``BUDGET / readers`` bytes ahead (at least
+        `MIN_CHUNK`), so read-ahead memory stays bounded whatever the input count.
+        """
+        _prefetcher.forget(self._chunks)
+        size = max(MIN_CHUNK, min(CHUNK, BUDGET // max(1, readers)))
+        chunks = plan_chunks(ranges, self._seq, size)
+        chunks.sort(key=lambda c: c.start)
+        self._chunks, self._starts = chunks, [c.start for c in chunks]
+        _prefetcher.submit(self, chunks)
+
+    def copy_range_to(self, dst_fd: int, src_at: int, dst_at: int, count: int) -> None:
+        while count > 0:
+            step = min(count, CHUNK)
+            data = self.read_at(src_at, step)
+            view = memoryview(data)
+            while view:
+                written = os.pwrite(dst_fd, view, dst_at)
+                view, dst_at = view[written:], dst_at + written
+            src_at, count = src_at + step, count - step
+
+    def h5py_source(self) -> Any:
+        import io
+
+        # A small buffer: h5py's reads are scattered, and the page cache does the fetching.
+        return io.BufferedReader(Window(self, 0, self.size), 8 << 10)
+
+    def sibling(self, name: str) -> RemoteFile:
+        """The object called `name` next to this one (a shard beside its index), opened and
+        pinned the same way. `name` is one path segment; the caller checks it."""
+        base = self._url.split("?", 1)[0].rsplit("/", 1)[0]
+        return RemoteFile(f"{base}/{name}")
+
+    # -- identity ------------------------------------------------------------------------------
+
+    def check_unchanged(self) -> None:
+        """Raise `InputChanged` if the object's size or ETag/generation is not the pinned one."""
+
+        def attempt() -> dict:
+            self.fs.invalidate_cache(self._key)
+            self._count(1)
+            return self.fs.info(self._key)
+
+        try:
+            info = _retrying(attempt, self.path)
+        except CheckpointError as exc:
+            if exc.problem == "no such object":
+                raise InputChanged(self.path, "disappeared while it was being read") from None
+            raise
+        if _identity(info) != self.identity:
+            raise InputChanged(self.path, "changed while it was being read")
+
+    def release(self) -> None:
+        """Drop cached pages and planned chunks (the object stays pinned by identity)."""
+        _prefetcher.forget(self._chunks)
+        self._chunks, self._starts = [], []
+        with self._page_lock:
+            self._pages.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# whole-object transfers
+
+
+def download(url: str, directory: Path) -> Path:
+    """Copy the object at `url` into `directory` under its own name (for `wavg evaluate`)."""
+    fs, key = filesystem(url)
+    display = redact(url)
+    local = directory / key.rstrip("/").rsplit("/", 1)[-1]
+    _retrying(lambda: fs.get_file(key, os.fspath(local)), display)
+    return local
+
+
+def upload(files: Sequence[tuple[Path, str]]) -> None:
+    """Upload local files to URLs one after another, in the order given.
+
+    Each object appears whole or not at all (a single PUT or a completed multipart upload),
+    so for a multi-file output pass the shards first and the index last: a reader never
+    finds an index whose shards are not there yet.
+    """
+    for local, url in files:
+        fs, key = filesystem(url)
+        display = redact(url)
+        _retrying(
+            lambda fs=fs, key=key, local=local: fs.put_file(os.fspath(local), key),
+            display,
+            OutputError,
+        )
+
+
+def check_output_bucket(url: str) -> None:
+    """Refuse an output URL whose bucket is missing or unreadable before any work is done."""
+    fs, key = filesystem(url)
+    protocol = url.split("://", 1)[0].lower()
+    if protocol not in _BUCKETED:
+        return
+    bucket = key.strip("/").split("/", 1)[0]
+    try:
+        _retrying(lambda: fs.info(bucket), redact(url), OutputError)
+    except OutputError as exc:
+        if exc.problem == "no such object":
+            raise OutputError(exc.path, "no such bucket") from None
+        raise
