@@ -199,7 +199,7 @@ def _alive(pid: int) -> bool:
 # N-th step that changes the output's folder: a rename, link, unlink, fsync, folder swap...
 STEP_DRIVER = """
 import os, sys
-import wavg, wavg.storage.atomic, wavg.formats.commit.local
+import wavg, wavg.storage.atomic, wavg.storage.local_target
 
 step, count = int(sys.argv[1]), [0]
 
@@ -217,10 +217,10 @@ class DyingOs:
         steps = ("replace", "link", "unlink", "rename", "fsync", "mkdir", "write")
         return dying(found) if name in steps else found
 
-wavg.formats.commit.local.os = wavg.storage.atomic.os = DyingOs()
+wavg.storage.local_target.os = wavg.storage.atomic.os = DyingOs()
 if os.environ.get("WAVG_TEST_NO_EXCHANGE"):  # a file system that cannot swap two folders
-    wavg.formats.commit.local._exchange = lambda a, b: False
-wavg.formats.commit.local._exchange = dying(wavg.formats.commit.local._exchange)
+    wavg.storage.local_target._exchange = lambda a, b: False
+wavg.storage.local_target._exchange = dying(wavg.storage.local_target._exchange)
 wavg.combine(sys.argv[3:], sys.argv[2])
 print(count[0])
 """

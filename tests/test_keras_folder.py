@@ -19,7 +19,7 @@ import helpers_safety as hs
 import pytest
 
 import wavg
-from wavg.formats.commit import local as multifile
+from wavg.storage.local_target import clean_folder_leftovers
 
 KILL_TRIALS = 10
 
@@ -165,7 +165,7 @@ def test_dying_before_each_step_leaves_the_previous_folder_or_the_new_one(swap, 
             # Only between the two renames of a file system that cannot swap: the next
             # run puts the previous folder back before anything else.
             assert swap == "two_renames"
-            multifile.clean_folder_leftovers(out)
+            clean_folder_leftovers(out)
         state = hm.folder_state(out)
         if state != before:
             hm.assert_weights_equal(hm.load_weights_into_model(out), run.reference)

@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 import wavg
 from wavg.errors import InputChanged
-from wavg.formats.commit.local import placeholder_bytes
+from wavg.formats.sharded.commit import placeholder_bytes
 
 KILL_TRIALS = 16
 

@@ -40,7 +40,6 @@ from wavg.errors import (
 from wavg.formats.registry import (
     Checkpoint,
     Tensor,
-    check_output_url,
     expand_checkpoint_dirs,
     open_checkpoint,
     staged_output,
@@ -229,7 +228,6 @@ def run_plan(
                     f"{out_location}: writing {newest.layout.name} output to object storage "
                     "is not supported yet; write it to a local directory"
                 )
-            check_output_url(out_location, newest)
             if requantizer is not None:
                 mark_written(newest, requantizer)
             averaged = [t for t in newest.tensors.values() if t.averaged]

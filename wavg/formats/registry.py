@@ -34,7 +34,6 @@ __all__ = [
     "local_copies",
     "open_source",
     "staged_output",
-    "check_output_url",
 ]
 
 
@@ -98,26 +97,16 @@ def local_copies(locations: list[Location], directory: Path) -> list[Path]:
 @contextlib.contextmanager
 def staged_output(out: Location) -> Iterator[Path]:
     """The local path a format commits `out` to: `out` itself when local; for a URL, a path
-    in a private temporary directory whose files are uploaded when the block exits normally
-    (see `commit.remote.staged_upload`)."""
+    in a private temporary directory standing for it: a multi-file format's commit protocol
+    writes through it to the bucket, a single file there is uploaded when the block exits
+    normally (see `storage.target.staged_upload`)."""
     if not isinstance(out, Url):
         yield out
         return
-    from wavg.formats.commit.remote import staged_upload
+    from wavg.storage.target import staged_upload
 
     with staged_upload(out.url) as local:
         yield local
-
-
-def check_output_url(out: Location, newest: Checkpoint) -> None:
-    """Refuse, before any tensor is read, a URL output that `newest`'s format could not
-    commit there (a model folder replaces only an empty prefix or another model folder)."""
-    from wavg.formats.layouts import KERAS_FOLDER
-
-    if isinstance(out, Url) and newest.layout is KERAS_FOLDER:
-        from wavg.formats.commit.remote import check_folder_target
-
-        check_folder_target(out.url)
 
 
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"

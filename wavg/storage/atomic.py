@@ -14,7 +14,7 @@ import contextlib
 import errno
 import glob
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from wavg._runtime import signals_held
@@ -95,11 +95,14 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def remove_stale_temps(out: Path) -> list[str]:
-    """Remove temporary files that a killed run for `out` left behind; return their names."""
+def remove_stale_temps(out: Path, keep: Callable[[str], object] | None = None) -> list[str]:
+    """Remove temporary files that a killed run for `out` left behind; return their names.
+    A name `keep` accepts is left alone (a commit protocol's marker, judged by its own rule)."""
     removed = []
     prefix = temp_prefix(out)
     for path in glob.glob(glob.escape(prefix) + "*"):
+        if keep is not None and keep(os.path.basename(path)):
+            continue
         pid_text = path[len(prefix) :].split("-", 1)[0]
         if pid_text.isdigit() and not process_alive(int(pid_text)):
             with contextlib.suppress(OSError):

@@ -2,10 +2,10 @@
 and model.weights.h5 (and an ``assets/`` tree when the model has assets).
 
 The weights file is averaged as an HDF5 checkpoint; every other file is copied from the
-newest folder byte for byte, as data, and the new folder replaces the old in one swap
-(`wavg.formats.commit.local.folder_output`). The folder may be local or a prefix in object storage
-(`remote_folder.RemoteTree`): either way it is a `Tree` of relative names and byte sources.
-Nothing here follows a link out of the folder.
+newest folder byte for byte, as data, and the new folder replaces the old one
+(`keras_folder.commit`: one swap locally, config.json last in a bucket). The folder may be
+local or a prefix in object storage (`keras_folder.remote.RemoteTree`): either way it is a
+`Tree` of relative names and byte sources. Nothing here follows a link out of the folder.
 """
 
 from __future__ import annotations
@@ -20,13 +20,12 @@ from typing import Protocol
 
 from wavg.errors import CheckpointError, UnsafeCheckpoint, UsageError
 from wavg.formats.base import Writer
-from wavg.formats.commit.local import check_output_folder, folder_output
 from wavg.formats.composite import CompositeCheckpoint, PartsWriter
+from wavg.formats.keras_folder.commit import CONFIG, check_model_folder, folder_output
 from wavg.formats.layouts import KERAS3_WEIGHTS, KERAS_FOLDER
 from wavg.storage.local import InputFile
 
 WEIGHTS = "model.weights.h5"
-CONFIG = "config.json"
 # Files other than the weights are copied whole; as in archives, none may be huge.
 MAX_COPIED_BYTES = 256 << 20
 MAX_COPIED_FILES = 10_000
@@ -98,7 +97,7 @@ class KerasFolderCheckpoint(CompositeCheckpoint):
                 f"output {out} would be a folder, but Keras reads a name ending in .keras as an "
                 "archive; pick a name without it"
             )
-        check_output_folder(out)
+        check_model_folder(out)
 
     @contextlib.contextmanager
     def output(self, out: Path, keep: Callable[[str], bool] | None) -> Iterator[Writer]:

@@ -14,7 +14,6 @@ import errno
 import json
 import math
 import os
-import shutil
 from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,11 +32,12 @@ from wavg.errors import (
 )
 from wavg.formats.base import Checkpoint, Writer
 from wavg.formats.hdf5.walk import BFLOAT16, EXPANSION_FLOOR_BYTES, MAX_EXPANSION, Tensor
+from wavg.formats.keras_folder.commit import folder_output
 from wavg.formats.layouts import Layout
 from wavg.formats.orbax.steps import COMMIT_MARKER, PYTREE, StepFiles, StepUrl
 from wavg.formats.quantized import HINT as QUANTIZED_HINT
 from wavg.formats.quantized import QuantizedCheckpoint
-from wavg.storage.atomic import fsync_directory, process_alive, temp_prefix
+from wavg.storage.atomic import fsync_directory
 from wavg.storage.locations import is_plain_relative_path
 from wavg.storage.remote import scrub
 
@@ -222,34 +222,20 @@ class OrbaxStep(Checkpoint):
 
     @contextlib.contextmanager
     def output(self, out: Path, keep: Callable[[str], bool] | None) -> Iterator[Writer]:
-        """Write a new root at `out` holding this step's number, then rename it into place.
-
-        The root is built as ``.<out>.wavg-tmp-<pid>-<token>`` next to `out`, fsynced and
-        renamed; on failure it is removed, and a killed run's leftover is removed by the
-        next run for `out`. Writing to a bucket is not supported.
+        """Write a new root at `out` holding this step's number; it takes `out`'s place as a
+        model folder does (`keras_folder.commit.folder_output`): built whole under a
+        temporary name, fsynced, swapped in; removed on failure, and a killed run's leftover
+        removed by the next run for `out`. Writing to a bucket is not supported.
         """
-        self.check_output(out)
-        _remove_stale_roots(out)
-        tmp = Path(f"{temp_prefix(out)}{os.getpid()}-{os.urandom(4).hex()}")
-        # Created inside the try: a signal handled right after mkdir must reach the cleanup.
-        try:
-            try:
-                tmp.mkdir()
-            except OSError as exc:
-                raise OutputError(
-                    out, f"cannot create a directory in {out.parent} ({exc.strerror})"
-                ) from None
+        self.check_output(out)  # first: its own words for a file or a folder in the way
+        with folder_output(
+            out, lambda _names: self.check_output(out), last=None, kind="directory"
+        ) as tmp:
             writer = OrbaxWriter(self, tmp, out, keep)
             try:
                 yield writer
             finally:
                 writer.close()
-            os.rename(tmp, out)
-            fsync_directory(out.parent)
-        finally:
-            with signals_held():  # a second SIGTERM must not cut the cleanup short
-                if tmp.exists():  # its name is this process's and random: never another's
-                    shutil.rmtree(tmp, ignore_errors=True)
 
 
 class OrbaxWriter(Writer):
@@ -585,16 +571,3 @@ def _fsync_tree(root: Path) -> int:
                 os.close(fd)
         fsync_directory(Path(directory))
     return total
-
-
-def _remove_stale_roots(out: Path) -> None:
-    """Remove temporary roots that a killed run for `out` left behind."""
-    prefix = temp_prefix(out)
-    parent = out.parent
-    for entry in os.scandir(parent):
-        path = os.path.join(parent, entry.name)
-        if not path.startswith(prefix) or not entry.is_dir(follow_symlinks=False):
-            continue
-        pid_text = path[len(prefix) :].split("-", 1)[0]
-        if pid_text.isdigit() and not process_alive(int(pid_text)):
-            shutil.rmtree(path, ignore_errors=True)

@@ -3,7 +3,7 @@
 The index is checked name by name (`shard_index`), every shard is opened once as an HDF5
 checkpoint, and index and shards must agree exactly: each tensor in one shard only, in a
 group the index lists for that shard, and each listed group present there. The output is
-sharded like this checkpoint and committed through its index (`wavg.formats.commit.local`). Nothing
+sharded like this checkpoint and committed through its index (`sharded.commit`). Nothing
 here opens a file outside the index's own folder.
 """
 
@@ -18,10 +18,10 @@ from pathlib import Path
 
 from wavg.errors import CheckpointError, UnsafeCheckpoint
 from wavg.formats.base import Writer
-from wavg.formats.commit.local import ShardedOutput
 from wavg.formats.composite import CompositeCheckpoint, PartsWriter
 from wavg.formats.h5file import H5Checkpoint
 from wavg.formats.layouts import KERAS3_WEIGHTS, SHARDED_WEIGHTS
+from wavg.formats.sharded.commit import ShardedCommit
 from wavg.formats.sharded.index import MAX_INDEX_BYTES, ShardIndex, parse_index
 from wavg.storage.local import InputFile
 
@@ -115,7 +115,7 @@ class ShardedCheckpoint(CompositeCheckpoint):
             for name, part in self.parts
             if keep is None or any(keep(t) for t in part.tensors)
         ]
-        with ShardedOutput(out) as target:
+        with ShardedCommit(out) as target:
             renamed: dict[str, str] = {}
             writers: list[Writer] = []
             try:

@@ -1,0 +1,137 @@
+"""An output's place in object storage, as a commit protocol's target: the objects beside it.
+
+One object appears whole or not at all, but no request covers several: the protocol above
+puts its commit point last. Files are written in a private local staging folder first and
+uploaded when published; every request is retried like any other (`storage.remote`). This
+module knows no format: which object is the commit point, and what may go, is the protocol's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from wavg.errors import OutputError
+from wavg.storage.locations import redact
+from wavg.storage.remote import _retrying, filesystem, upload
+
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+
+
+class BucketTarget:
+    """The output object at `url` and the objects directly beside it; files are staged in
+    `staging` (a private local folder) before they are uploaded."""
+
+    def __init__(self, url: str, staging: Path) -> None:
+        self.url = url.split("?", 1)[0].rstrip("/")
+        self.display = redact(url)
+        self.fs, key = filesystem(url)
+        self.key = key.rstrip("/")
+        self.folder_key, _, self.name = self.key.rpartition("/")
+        self.folder_url = self.url.rpartition("/")[0]
+        self.staging = staging
+
+    def _call(self, what: Callable[[], Any]) -> Any:
+        return _retrying(what, self.display, OutputError)
+
+    # -- objects beside the output ---------------------------------------------------------
+
+    def check_file(self) -> None:
+        """Nothing to check beyond the bucket (see `staged_upload`): any key can be an object."""
+
+    def entries(self) -> dict[str, int | None]:
+        """Name -> size of the objects directly beside the output."""
+
+        def attempt() -> list[dict]:
+            self.fs.invalidate_cache(self.folder_key)
+            try:
+                return self.fs.ls(self.folder_key, detail=True)
+            except FileNotFoundError:
+                return []
+
+        return {
+            info["name"].rstrip("/").rpartition("/")[2]: int(info.get("size") or 0)
+            for info in self._call(attempt)
+            if info.get("type") != "directory"
+        }
+
+    def read(self, name: str, limit: int) -> bytes | None:
+        """A small object's bytes (an index, a marker), or None if unreadable or over `limit`."""
+        try:
+            data = self._call(lambda: self.fs.cat_file(f"{self.folder_key}/{name}"))
+        except OutputError:
+            return None
+        return data if len(data) <= limit else None
+
+    def create(self, name: str) -> Path:
+        """An empty local file for the caller to write; `publish` uploads it."""
+        path = self.staging / name
+        os.close(os.open(path, _CREATE, 0o644))
+        return path
+
+    def publish(self, name: str) -> None:
+        """Upload the file written at `create(name)`'s path."""
+        upload([(self.staging / name, f"{self.folder_url}/{name}")])
+
+    def put(self, name: str, data: bytes, new: bool = False) -> bool:
+        """Put the object `name` whole; with `new`, only if the listing shows none (False
+        then: a race with another writer is the protocol's names' to avoid)."""
+        if new and name in self.entries():
+            return False
+        key = f"{self.folder_key}/{name}"
+        self._call(lambda: self.fs.pipe_file(key, data))
+        return True
+
+    def delete(self, name: str) -> None:
+        """Best effort: what is left is found again by the next run."""
+        self._delete([f"{self.folder_key}/{name}"])
+
+    def _delete(self, keys: list[str]) -> None:
+        for key in keys:
+            with contextlib.suppress(Exception):
+                self._call(lambda key=key: self.fs.rm_file(key))
+
+    def sync(self) -> None:
+        """Nothing to do: an object is durable once its upload returns."""
+
+    def remove_dead_temps(self, keep: Callable[[str], object]) -> None:
+        """Nothing to do: temporary files live in the staging folder, never in the bucket."""
+
+    # -- the output as a folder ------------------------------------------------------------
+
+    def folder_names(self) -> list[str] | None:
+        """Every object under the output folder, relative to it; None if there is none."""
+
+        def attempt() -> list[str]:
+            self.fs.invalidate_cache(self.key)
+            try:
+                return self.fs.find(self.key)
+            except FileNotFoundError:
+                return []
+
+        prefix = self.key + "/"
+        return [p[len(prefix) :] for p in self._call(attempt) if p.startswith(prefix)] or None
+
+    @contextlib.contextmanager
+    def new_folder(
+        self, check: Callable[[list[str] | None], None], last: str | None, kind: str
+    ) -> Iterator[Path]:
+        """Yield an empty local folder; on normal exit its files are uploaded under the
+        output's prefix, `last` last (what a reader looks for first), then the objects under
+        the prefix that the new folder lacks are deleted. `check` judges the prefix at the
+        start and again just before the upload (it may have changed since)."""
+        check(self.folder_names())
+        local = Path(tempfile.mkdtemp(dir=self.staging))
+        yield local
+        before = self.folder_names() or []
+        check(before)
+        files = sorted(
+            (p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()),
+            key=lambda r: (r == last, r),
+        )
+        upload([(local / r, f"{self.url}/{r}") for r in files])
+        self._delete([f"{self.key}/{r}" for r in sorted(set(before) - set(files))])
