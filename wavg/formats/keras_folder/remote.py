@@ -11,7 +11,8 @@ path outside the output folder once copied, and is refused.
 from __future__ import annotations
 
 from wavg.errors import CheckpointError, UnsafeCheckpoint
-from wavg.formats.keras_folder import CONFIG, WEIGHTS, check_copied_size, check_file_count
+from wavg.formats.keras_folder import WEIGHTS, check_copied_size, check_file_count
+from wavg.formats.keras_folder.commit import CONFIG
 from wavg.storage.local import InputFile
 from wavg.storage.locations import is_plain_relative_path, redact
 from wavg.storage.remote import RemoteFile, _retrying, filesystem

@@ -120,7 +120,8 @@ class ShardedCommit:
             "replaces": sorted(self.previous),
         }
         try:
-            self._put_new(self.marker, json.dumps(stamp).encode())
+            if not self._put_new(self.marker, json.dumps(stamp).encode()):
+                raise OutputError(target.display, f"{self.marker} exists already")
         except BaseException:  # a signal just after the marker was created
             self.__exit__(None, None, None)
             raise
