@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import wavg
-import wavg.formats.base
+import wavg.storage.local
 from wavg.errors import CheckpointError, CheckpointMismatch, InputChanged, NonFiniteValues
 
 COMBINE_MODULE = importlib.import_module("wavg.averaging.engine")

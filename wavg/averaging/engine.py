@@ -279,7 +279,7 @@ def _open_inputs(paths: list, opened: list[Checkpoint]) -> None:
     """Open every input into `opened`, in order, so the first problem found is
     the oldest input's. The oldest is walked and checked in full; every other input, the
     newest included, is verified against the oldest's checked structure rather than walked
-    again, and walked only when that comparison fails (see Checkpoint._predict_from). The
+    again, and walked only when that comparison fails (see Hdf5Checkpoint._predict_from). The
     newest's structure becomes the output's either way: a predicted one is the oldest's,
     byte for byte outside the tensors' values.
     """

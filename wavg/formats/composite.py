@@ -8,18 +8,16 @@ This module never parses an index or a folder and never commits an output: its s
 
 from __future__ import annotations
 
-import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from wavg.errors import CheckpointError
-from wavg.formats.base import Checkpoint, Writer
+from wavg.formats.base import Checkpoint, Tensor, Writer, slots
 from wavg.formats.h5file import H5Checkpoint
-from wavg.formats.hdf5.walk import Tensor
 from wavg.formats.layouts import Layout
-from wavg.storage.local import InputFile
+from wavg.storage.bytesource import ByteSource
 
 
 class DescriptorBudget:
@@ -64,13 +62,14 @@ OPEN_PARTS = DescriptorBudget()
 
 
 class PartFiles:
-    """What the averaging core asks of `Checkpoint.file`, for a checkpoint of several files.
+    """The `InputSource` of a checkpoint of several files.
 
     `files` are every file the checkpoint was read from (index, shards, copied members):
-    all are checked for changes, and `keep_open` reaches every part.
+    all are checked for changes, and `keep_open` reaches every part (unless the parts got
+    no room in the descriptor budget: then they reopen per read whatever the core says).
     """
 
-    def __init__(self, path: str, files: list[InputFile], parts_open: bool) -> None:
+    def __init__(self, path: str, files: list[ByteSource], parts_open: bool) -> None:
         self.path = path
         self._files = files
         self._parts_open = parts_open
@@ -88,11 +87,11 @@ class PartFiles:
 
     @property
     def bytes_fetched(self) -> int:
-        return sum(getattr(file, "bytes_fetched", 0) for file in self._files)
+        return sum(file.bytes_fetched for file in self._files)
 
     @property
     def requests(self) -> int:
-        return sum(getattr(file, "requests", 0) for file in self._files)
+        return sum(file.requests for file in self._files)
 
     def check_unchanged(self) -> None:
         for file in self._files:
@@ -125,17 +124,15 @@ class CompositeCheckpoint(Checkpoint):
     `_set_parts`); `tensors` is their union and each read goes to the part holding it.
     """
 
-    def __init__(self, path: str, layout: Layout, extra_files: list[InputFile]) -> None:
-        self.path = path
-        self.layout = layout
+    def __init__(self, path: str, layout: Layout, extra_files: list[ByteSource]) -> None:
+        super().__init__(PartFiles(path, list(extra_files), parts_open=True), layout)
         self.tensors = PartTensors()
         self.parts: list[tuple[str, H5Checkpoint]] = []
         self._owner = self.tensors.owners
         self._extra_files = extra_files
-        self.file = PartFiles(path, list(extra_files), parts_open=True)
         self._reserved = 0
 
-    def _open_part(self, file: InputFile, layout: Layout) -> H5Checkpoint:
+    def _open_part(self, file: ByteSource, layout: Layout) -> H5Checkpoint:
         """Open one part as an HDF5 checkpoint; its errors name its own file."""
         part = H5Checkpoint(file, layout)
         part.trim()
@@ -160,14 +157,20 @@ class CompositeCheckpoint(Checkpoint):
         files = [*self._extra_files, *(part.file for _, part in parts)]
         self.file = PartFiles(self.path, files, parts_open)
 
-    @property
-    def raw_readable(self) -> bool:
-        return all(part.raw_readable for _, part in self.parts)
-
     def read(
         self, tensor: Tensor, start: int, count: int, slices: tuple[slice, ...], scratch: np.ndarray
     ) -> np.ndarray:
         return self._owner[tensor.name].read(tensor, start, count, slices, scratch)
+
+    def read_many(self, tensors: Sequence[Tensor], out: np.ndarray) -> None:
+        """Each part reads its own tensors' slots (its vectored reads)."""
+        by_part: dict[int, list[tuple[Tensor, np.ndarray]]] = {}
+        for tensor, slot in slots(tensors, out):
+            by_part.setdefault(id(self._owner[tensor.name]), []).append((tensor, slot))
+        for _, part in self.parts:
+            targets = by_part.get(id(part))
+            if targets:
+                part.read_slots(targets)
 
     def will_read(self, names: list[str], readers: int = 1) -> None:
         for _, part in self.parts:
@@ -191,13 +194,6 @@ class CompositeCheckpoint(Checkpoint):
         for file in self._extra_files:
             file.keep_open = False
             file.release()
-
-    @contextlib.contextmanager
-    def weights_h5(self) -> Iterator[None]:
-        raise NotImplementedError("a checkpoint of several files has no single HDF5 file")
-
-    def make_writer(self, tmp_path: str, keep: Callable[[str], bool] | None) -> Writer:
-        raise NotImplementedError("a checkpoint of several files writes through output()")
 
 
 class PartsWriter(Writer):
