@@ -3,12 +3,12 @@
 A sharded ``.weights.json`` and an unzipped ``.keras`` folder both keep their weights in
 plain HDF5 files; each is opened as an `H5Checkpoint` (so every part gets the same safe walk
 and checks as a stand-alone file) and reads are delegated to the part holding the tensor.
+Parts keep descriptors open only within the process's budget (`wavg.storage.descriptors`).
 This module never parses an index or a folder and never commits an output: its subclasses do.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -18,47 +18,7 @@ from wavg.formats.base import Checkpoint, Tensor, Writer, slots
 from wavg.formats.h5file import H5Checkpoint
 from wavg.formats.layouts import Layout
 from wavg.storage.bytesource import ByteSource
-
-
-class DescriptorBudget:
-    """How many part files, over all open checkpoints, may keep a descriptor between reads.
-
-    Beyond it a checkpoint's parts reopen (and re-identify) their file for each read, so a
-    model of hundreds of shards times hundreds of inputs never runs out of descriptors. Half
-    the open-files limit is left to everything else (the core's own per-input budget).
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._left: int | None = None
-
-    def _initial(self) -> int:
-        try:
-            import resource
-
-            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        except (ImportError, OSError, ValueError):
-            return 64
-        if soft == resource.RLIM_INFINITY:
-            return 4096
-        return max(0, soft // 2 - 64)
-
-    def take(self, count: int) -> bool:
-        with self._lock:
-            if self._left is None:
-                self._left = self._initial()
-            if count > self._left:
-                return False
-            self._left -= count
-            return True
-
-    def give_back(self, count: int) -> None:
-        with self._lock:
-            if self._left is not None:
-                self._left += count
-
-
-OPEN_PARTS = DescriptorBudget()
+from wavg.storage.descriptors import OPEN_FILES
 
 
 class PartFiles:
@@ -148,7 +108,7 @@ class CompositeCheckpoint(Checkpoint):
                     )
                 self._owner[name] = part
                 self.tensors[name] = tensor
-        parts_open = OPEN_PARTS.take(len(parts))
+        parts_open = OPEN_FILES.take(len(parts))
         self._reserved = len(parts) if parts_open else 0
         if not parts_open:
             for _, part in parts:
@@ -189,7 +149,7 @@ class CompositeCheckpoint(Checkpoint):
     def close(self) -> None:
         for _, part in self.parts:
             part.close()
-        OPEN_PARTS.give_back(self._reserved)
+        OPEN_FILES.give_back(self._reserved)
         self._reserved = 0
         for file in self._extra_files:
             file.keep_open = False

@@ -2,6 +2,7 @@
 
 Locations and URLs (`locations`), quoted globs (`globs`), the byte-source contract every
 reader reads through (`bytesource`) with its local (`local`) and object-storage (`remote`)
-implementations, and atomic local writes (`atomic`). Nothing here parses a checkpoint:
+implementations, the one budget of descriptors inputs may keep open (`descriptors`), and
+atomic local writes (`atomic`). Nothing here parses a checkpoint:
 formats sit on top (`wavg.formats`) and this package never imports them.
 """
