@@ -6,7 +6,6 @@ after: wavg never modifies an input, whatever it holds.
 
 from __future__ import annotations
 
-import importlib
 import os
 import shutil
 import stat
@@ -18,10 +17,9 @@ import numpy as np
 import pytest
 
 import wavg
-import wavg.formats.base
+import wavg.storage.local
 from wavg.errors import CheckpointError, CheckpointMismatch, InputChanged, NonFiniteValues
-
-COMBINE_MODULE = importlib.import_module("wavg.averaging.engine")
+from wavg.storage.descriptors import OPEN_FILES
 
 
 def refused(args, capfd, inputs, names, code=1) -> str:
@@ -340,7 +338,7 @@ def test_an_input_that_changes_during_the_run_is_refused(
         inputs.append(tmp_path / src.name)
     victim = inputs[0]
     if not keep_open:  # as with more inputs than descriptors kept open: reopened per read
-        monkeypatch.setattr(COMBINE_MODULE, "MAX_OPEN_INPUTS", 0)
+        monkeypatch.setattr(OPEN_FILES, "_left", 0)
     calls = []
 
     def progress(done: int, total: int) -> None:

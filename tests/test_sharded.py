@@ -316,12 +316,12 @@ def test_dying_before_each_step_of_the_commit_leaves_a_loadable_previous_or_new_
 def test_shards_past_the_descriptor_budget_are_reopened_per_read_with_the_same_result(
     run, tmp_path, monkeypatch
 ):
-    from wavg.formats import composite
+    from wavg.storage.descriptors import OPEN_FILES
 
     kept = tmp_path / "kept.weights.json"
     wavg.combine(run.sharded, kept)
-    monkeypatch.setattr(composite, "OPEN_PARTS", composite.DescriptorBudget())
-    monkeypatch.setattr(composite.OPEN_PARTS, "_left", 0)
+    # Room for the inputs, none for their shards: the shards reopen per read.
+    monkeypatch.setattr(OPEN_FILES, "_left", len(run.sharded))
     reopened = tmp_path / "reopened.weights.json"
     wavg.combine(run.sharded, reopened)
     first, second = hm.sharded_tensors(kept), hm.sharded_tensors(reopened)

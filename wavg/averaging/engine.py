@@ -45,6 +45,7 @@ from wavg.formats.registry import (
     staged_output,
 )
 from wavg.storage.atomic import check_output_parent
+from wavg.storage.descriptors import OPEN_FILES
 from wavg.storage.globs import expand_inputs
 from wavg.storage.locations import Location, Url, as_location, identity_key
 
@@ -53,8 +54,6 @@ from wavg.storage.locations import Location, Url, as_location, identity_key
 # enough units to keep both workers busy to the end. Measured against 1 Mi items: ResNet50
 # x8 -7% wall and -11% CPU, 8 x 256 MB Dense kernels -10% wall and 40 MB less peak RSS.
 BLOCK_ITEMS = 1 << 18
-# Keep every input's descriptor open up to this many inputs; beyond it, reopen per read.
-MAX_OPEN_INPUTS = 256
 # Two workers: the machines wavg targets have two cores or more, and the work is memory-bound.
 WORKERS = 2
 # The one-run check compares every DISTANCE_STRIDE-th run of SAMPLE_ROW items of each input
@@ -218,8 +217,10 @@ def run_plan(
     inputs: list[Checkpoint] = []  # filled as they open, so a failure closes those opened
     with staged_output(out_location) as out_path:
         check_output_parent(out_path)  # what the output may be is the format's to say, once opened
+        # One open file per input, all or none (see wavg.storage.descriptors).
+        kept_open = len(plan.inputs) if OPEN_FILES.take(len(plan.inputs)) else 0
         try:
-            _open_inputs(plan.inputs, inputs)
+            _open_inputs(plan.inputs, inputs, keep_open=kept_open > 0)
             newest = inputs[-1]
             requantizer = plan_quantized(inputs, plan.raw_weights, quantized, block_items)
             _check_compatible(inputs, out_path)
@@ -267,21 +268,22 @@ def run_plan(
         finally:
             for ckpt in inputs:
                 ckpt.close()
+            OPEN_FILES.give_back(kept_open)
         summary.bytes_fetched = sum(c.file.bytes_fetched for c in inputs)
         summary.requests = sum(c.file.requests for c in inputs)
     summary.seconds = time.perf_counter() - started
     return summary
 
 
-def _open_inputs(paths: list, opened: list[Checkpoint]) -> None:
+def _open_inputs(paths: list, opened: list[Checkpoint], keep_open: bool) -> None:
     """Open every input into `opened`, in order, so the first problem found is
-    the oldest input's. The oldest is walked and checked in full; every other input, the
+    the oldest input's; without `keep_open` each gives back its descriptors after opening
+    and reopens them per read. The oldest is walked and checked in full; every other input, the
     newest included, is verified against the oldest's checked structure rather than walked
-    again, and walked only when that comparison fails (see Checkpoint._predict_from). The
+    again, and walked only when that comparison fails (see Hdf5Checkpoint._predict_from). The
     newest's structure becomes the output's either way: a predicted one is the oldest's,
     byte for byte outside the tensors' values.
     """
-    keep_open = len(paths) <= _descriptor_budget()
     for i, path in enumerate(paths):
         ckpt = open_checkpoint(path, like=opened[0] if i > 0 else None)
         opened.append(ckpt)
@@ -313,19 +315,6 @@ def _copied_weight_warnings(newest: Checkpoint) -> list[str]:
         f"{len(copied)} non-float weight tensor(s), e.g. {first.name} ({first.storage}), are "
         "copied from the newest checkpoint, not averaged"
     ]
-
-
-def _descriptor_budget() -> int:
-    """How many inputs may keep their descriptors (two each: raw and HDF5) open at once."""
-    try:
-        import resource
-
-        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    except (ImportError, OSError, ValueError):
-        return 64
-    if soft == resource.RLIM_INFINITY:
-        return MAX_OPEN_INPUTS
-    return max(1, min(MAX_OPEN_INPUTS, (soft - 64) // 2))
 
 
 def _refuse_output_among_inputs(out: Location, inputs: list[Location]) -> None:

@@ -22,8 +22,7 @@ import numpy as np
 
 from wavg.averaging.requantize import Statistics, dequantize, quantize
 from wavg.errors import CheckpointError, CheckpointMismatch, UsageError
-from wavg.formats.base import Checkpoint
-from wavg.formats.hdf5.walk import Tensor, iter_blocks
+from wavg.formats.base import Checkpoint, Tensor, iter_blocks
 from wavg.formats.quantized import (
     Geometry,
     QuantizedLayer,
@@ -45,7 +44,7 @@ def _found_layers(inputs: list[Checkpoint]) -> list[list[QuantizedLayer]]:
     """`find_quantized` of every input; the newest's config is always read.
 
     An older input whose tensors are the very objects of one already looked at (it shares
-    that input's verified structure, see `Checkpoint._predict_from`) shows the same layout,
+    that input's verified structure, see `Hdf5Checkpoint._predict_from`) shows the same layout,
     so a layout that shows no quantized layer is not searched again.
     """
     plain: set[tuple[int, ...]] = set()

@@ -3,74 +3,33 @@
 A sharded ``.weights.json`` and an unzipped ``.keras`` folder both keep their weights in
 plain HDF5 files; each is opened as an `H5Checkpoint` (so every part gets the same safe walk
 and checks as a stand-alone file) and reads are delegated to the part holding the tensor.
+Parts keep descriptors open only within the process's budget (`wavg.storage.descriptors`).
 This module never parses an index or a folder and never commits an output: its subclasses do.
 """
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from wavg.errors import CheckpointError
-from wavg.formats.base import Checkpoint, Writer
+from wavg.formats.base import Checkpoint, Tensor, Writer, slots
 from wavg.formats.h5file import H5Checkpoint
-from wavg.formats.hdf5.walk import Tensor
 from wavg.formats.layouts import Layout
-from wavg.storage.local import InputFile
-
-
-class DescriptorBudget:
-    """How many part files, over all open checkpoints, may keep a descriptor between reads.
-
-    Beyond it a checkpoint's parts reopen (and re-identify) their file for each read, so a
-    model of hundreds of shards times hundreds of inputs never runs out of descriptors. Half
-    the open-files limit is left to everything else (the core's own per-input budget).
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._left: int | None = None
-
-    def _initial(self) -> int:
-        try:
-            import resource
-
-            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        except (ImportError, OSError, ValueError):
-            return 64
-        if soft == resource.RLIM_INFINITY:
-            return 4096
-        return max(0, soft // 2 - 64)
-
-    def take(self, count: int) -> bool:
-        with self._lock:
-            if self._left is None:
-                self._left = self._initial()
-            if count > self._left:
-                return False
-            self._left -= count
-            return True
-
-    def give_back(self, count: int) -> None:
-        with self._lock:
-            if self._left is not None:
-                self._left += count
-
-
-OPEN_PARTS = DescriptorBudget()
+from wavg.storage.bytesource import ByteSource
+from wavg.storage.descriptors import OPEN_FILES
 
 
 class PartFiles:
-    """What the averaging core asks of `Checkpoint.file`, for a checkpoint of several files.
+    """The `InputSource` of a checkpoint of several files.
 
     `files` are every file the checkpoint was read from (index, shards, copied members):
-    all are checked for changes, and `keep_open` reaches every part.
+    all are checked for changes, and `keep_open` reaches every part (unless the parts got
+    no room in the descriptor budget: then they reopen per read whatever the core says).
     """
 
-    def __init__(self, path: str, files: list[InputFile], parts_open: bool) -> None:
+    def __init__(self, path: str, files: list[ByteSource], parts_open: bool) -> None:
         self.path = path
         self._files = files
         self._parts_open = parts_open
@@ -88,11 +47,11 @@ class PartFiles:
 
     @property
     def bytes_fetched(self) -> int:
-        return sum(getattr(file, "bytes_fetched", 0) for file in self._files)
+        return sum(file.bytes_fetched for file in self._files)
 
     @property
     def requests(self) -> int:
-        return sum(getattr(file, "requests", 0) for file in self._files)
+        return sum(file.requests for file in self._files)
 
     def check_unchanged(self) -> None:
         for file in self._files:
@@ -125,17 +84,15 @@ class CompositeCheckpoint(Checkpoint):
     `_set_parts`); `tensors` is their union and each read goes to the part holding it.
     """
 
-    def __init__(self, path: str, layout: Layout, extra_files: list[InputFile]) -> None:
-        self.path = path
-        self.layout = layout
+    def __init__(self, path: str, layout: Layout, extra_files: list[ByteSource]) -> None:
+        super().__init__(PartFiles(path, list(extra_files), parts_open=True), layout)
         self.tensors = PartTensors()
         self.parts: list[tuple[str, H5Checkpoint]] = []
         self._owner = self.tensors.owners
         self._extra_files = extra_files
-        self.file = PartFiles(path, list(extra_files), parts_open=True)
         self._reserved = 0
 
-    def _open_part(self, file: InputFile, layout: Layout) -> H5Checkpoint:
+    def _open_part(self, file: ByteSource, layout: Layout) -> H5Checkpoint:
         """Open one part as an HDF5 checkpoint; its errors name its own file."""
         part = H5Checkpoint(file, layout)
         part.trim()
@@ -151,7 +108,7 @@ class CompositeCheckpoint(Checkpoint):
                     )
                 self._owner[name] = part
                 self.tensors[name] = tensor
-        parts_open = OPEN_PARTS.take(len(parts))
+        parts_open = OPEN_FILES.take(len(parts))
         self._reserved = len(parts) if parts_open else 0
         if not parts_open:
             for _, part in parts:
@@ -160,14 +117,20 @@ class CompositeCheckpoint(Checkpoint):
         files = [*self._extra_files, *(part.file for _, part in parts)]
         self.file = PartFiles(self.path, files, parts_open)
 
-    @property
-    def raw_readable(self) -> bool:
-        return all(part.raw_readable for _, part in self.parts)
-
     def read(
         self, tensor: Tensor, start: int, count: int, slices: tuple[slice, ...], scratch: np.ndarray
     ) -> np.ndarray:
         return self._owner[tensor.name].read(tensor, start, count, slices, scratch)
+
+    def read_many(self, tensors: Sequence[Tensor], out: np.ndarray) -> None:
+        """Each part reads its own tensors' slots (its vectored reads)."""
+        by_part: dict[int, list[tuple[Tensor, np.ndarray]]] = {}
+        for tensor, slot in slots(tensors, out):
+            by_part.setdefault(id(self._owner[tensor.name]), []).append((tensor, slot))
+        for _, part in self.parts:
+            targets = by_part.get(id(part))
+            if targets:
+                part.read_slots(targets)
 
     def will_read(self, names: list[str], readers: int = 1) -> None:
         for _, part in self.parts:
@@ -186,18 +149,11 @@ class CompositeCheckpoint(Checkpoint):
     def close(self) -> None:
         for _, part in self.parts:
             part.close()
-        OPEN_PARTS.give_back(self._reserved)
+        OPEN_FILES.give_back(self._reserved)
         self._reserved = 0
         for file in self._extra_files:
             file.keep_open = False
             file.release()
-
-    @contextlib.contextmanager
-    def weights_h5(self) -> Iterator[None]:
-        raise NotImplementedError("a checkpoint of several files has no single HDF5 file")
-
-    def make_writer(self, tmp_path: str, keep: Callable[[str], bool] | None) -> Writer:
-        raise NotImplementedError("a checkpoint of several files writes through output()")
 
 
 class PartsWriter(Writer):

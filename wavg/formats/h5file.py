@@ -14,23 +14,23 @@ import h5py
 import numpy as np
 
 from wavg.errors import CheckpointError
-from wavg.formats.base import Checkpoint, Writer, as_bytes, open_hdf5, pwrite_all
-from wavg.formats.hdf5.skeleton import copy_around_tensors, lay_out_output
-from wavg.formats.hdf5.walk import Tensor
+from wavg.formats.base import Checkpoint, Tensor, Writer
+from wavg.formats.hdf5.reader import Hdf5Checkpoint, open_hdf5
+from wavg.formats.hdf5.skeleton import as_bytes, copy_around_tensors, lay_out_output, pwrite_all
 from wavg.formats.layouts import PLAIN_HDF5, Layout, hdf5_layout
-from wavg.storage.local import InputFile
+from wavg.storage.bytesource import ByteSource
 
 
-class H5Checkpoint(Checkpoint):
+class H5Checkpoint(Hdf5Checkpoint):
     """A checkpoint that is itself an HDF5 file."""
 
     def __init__(
-        self, file: InputFile, layout: Layout | None = None, like: Checkpoint | None = None
+        self, file: ByteSource, layout: Layout | None = None, like: Checkpoint | None = None
     ) -> None:
         """`layout` is recognised from the file unless given (a shard of a sharded checkpoint
         may hold only optimizer state, which alone does not tell its layout). `like`: an
         input of the same run whose checked structure this one may share (see
-        `Checkpoint._predict_from`)."""
+        `Hdf5Checkpoint._predict_from`)."""
         super().__init__(file, layout or PLAIN_HDF5)
         if self._predict_from(like, base_offset=0, data_end=file.size):
             return  # `like`'s structure, verified byte for byte (no HDF5 open)
@@ -75,7 +75,7 @@ class H5Writer(Writer):
     """
 
     def __init__(
-        self, template: Checkpoint, tmp_path: str, keep: Callable[[str], bool] | None
+        self, template: Hdf5Checkpoint, tmp_path: str, keep: Callable[[str], bool] | None
     ) -> None:
         self.path = tmp_path
         self.offsets, copied = lay_out_output(template, tmp_path, keep)

@@ -23,11 +23,12 @@ import h5py
 import numpy as np
 
 from wavg.errors import CheckpointError, UnsafeCheckpoint
-from wavg.formats.base import Checkpoint, Writer, as_bytes
-from wavg.formats.hdf5.skeleton import lay_out_output
-from wavg.formats.hdf5.walk import Tensor, open_h5
+from wavg.formats.base import Checkpoint, Tensor, Writer
+from wavg.formats.hdf5.reader import Hdf5Checkpoint
+from wavg.formats.hdf5.skeleton import as_bytes, lay_out_output
+from wavg.formats.hdf5.walk import open_h5
 from wavg.formats.layouts import KERAS_ARCHIVE
-from wavg.storage.local import InputFile
+from wavg.storage.bytesource import ByteSource
 from wavg.storage.local import Window as _Window
 
 WEIGHTS = "model.weights.h5"
@@ -74,17 +75,17 @@ class _Checked(io.RawIOBase):
         return len(data)
 
 
-class KerasCheckpoint(Checkpoint):
+class KerasCheckpoint(Hdf5Checkpoint):
     """A ``.keras`` archive whose model.weights.h5 is averaged."""
 
-    def __init__(self, file: InputFile, like: Checkpoint | None = None) -> None:
+    def __init__(self, file: ByteSource, like: Checkpoint | None = None) -> None:
         super().__init__(file, KERAS_ARCHIVE)
         self.members = _check_members(file)
         info = self.members[WEIGHTS]
         self._weights_info = info
         if info.compress_type == zipfile.ZIP_STORED:
             self._data_start = start = _data_start(file, info)
-            # `like`'s structure when verified byte for byte (see Checkpoint._predict_from).
+            # `like`'s structure when verified byte for byte (see Hdf5Checkpoint._predict_from).
             if not self._predict_from(like, start, start + info.file_size):
                 self._load_tensors(base_offset=start, data_end=start + info.file_size)
         else:
@@ -154,7 +155,7 @@ def _without_offset(t: Tensor) -> Tensor:
     return Tensor(t.name, t.shape, t.dtype, t.storage, t.averaged, None)
 
 
-def _check_members(file: InputFile) -> dict[str, zipfile.ZipInfo]:
+def _check_members(file: ByteSource) -> dict[str, zipfile.ZipInfo]:
     """The archive's members by name, after refusing anything a safe reader must not touch."""
     try:
         with zipfile.ZipFile(_Window(file, 0, file.size)) as archive:
@@ -192,7 +193,7 @@ def _check_members(file: InputFile) -> dict[str, zipfile.ZipInfo]:
     return members
 
 
-def _data_start(file: InputFile, info: zipfile.ZipInfo) -> int:
+def _data_start(file: ByteSource, info: zipfile.ZipInfo) -> int:
     header = file.read_at(info.header_offset, _LOCAL_HEADER.size)
     signature, name_len, extra_len = _LOCAL_HEADER.unpack(header)
     if signature != b"PK\x03\x04":

@@ -19,8 +19,7 @@ from typing import Any
 import numpy as np
 
 from wavg.errors import CheckpointError
-from wavg.formats.base import Checkpoint
-from wavg.formats.hdf5.walk import Tensor
+from wavg.formats.base import Checkpoint, Tensor
 
 HINT = (
     "average the float checkpoints, then quantize the average "

@@ -18,9 +18,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from wavg.errors import CheckpointError
-from wavg.formats.base import Checkpoint, Writer
-from wavg.formats.hdf5.walk import Tensor, iter_blocks
+from wavg.formats.base import Checkpoint, Tensor, Writer, iter_blocks
 from wavg.formats.orbax import steps as orbax_steps
+from wavg.storage.bytesource import ByteSource
 from wavg.storage.local import InputFile
 from wavg.storage.locations import Location, Url, as_location
 
@@ -67,14 +67,14 @@ def expand_checkpoint_dirs(locations: list[Location]) -> tuple[list[Location], l
     return found, warnings
 
 
-def open_source(name: str | os.PathLike[str] | Url) -> InputFile:
-    """The byte source for a checkpoint name: a local `InputFile`, or a `RemoteFile` (same
-    methods) for a URL. Identity is pinned here, at first open."""
+def open_source(name: str | os.PathLike[str] | Url) -> ByteSource:
+    """The byte source for a checkpoint name: a local `InputFile`, or a `RemoteFile` for a
+    URL. Identity is pinned here, at first open."""
     location = as_location(name)
     if isinstance(location, Url):
         from wavg.storage.remote import RemoteFile
 
-        return RemoteFile(location.url)  # type: ignore[return-value]
+        return RemoteFile(location.url)
     return InputFile(os.fspath(location))
 
 
@@ -189,7 +189,7 @@ def _open_remote_folder(
     return KerasFolderCheckpoint(tree.path, tree) if tree.is_model_folder() else None
 
 
-def _is_index(file: InputFile) -> bool:
+def _is_index(file: ByteSource) -> bool:
     from wavg.formats.sharded.index import looks_like_index
 
     return looks_like_index(file.read_at(0, min(64, file.size)))
@@ -198,7 +198,7 @@ def _is_index(file: InputFile) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-def _sniff(file: InputFile) -> str:
+def _sniff(file: ByteSource) -> str:
     head = file.read_at(0, min(8, file.size)) if file.size >= 8 else b""
     if head.startswith(_ZIP_SIGNATURE):
         return "zip"

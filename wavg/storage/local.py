@@ -6,11 +6,9 @@ when it is first opened and compared whenever it is reopened and once more at th
 With many inputs (1000 files is a supported case) descriptors are not all kept open: the
 caller decides with `keep_open`, and a closed file is reopened for each read.
 
-Every byte wavg reads from an input goes through a byte source's methods, never a raw
-descriptor outside this module (see wavg.storage.remote for another source): `read_at`
-(exact), `readinto` (partial only at the end), `readv` (consecutive bytes into several
-buffers), `will_read` (a hint), `copy_range_to` (into an output), `check_unchanged`
-and `release`. Formats and the averaging core never learn where the bytes came from.
+Every byte wavg reads from an input goes through the methods of the `ByteSource` contract
+(wavg.storage.bytesource), never a raw descriptor outside this module; wavg.storage.remote
+is the other source. Formats and the averaging core never learn where the bytes came from.
 """
 
 from __future__ import annotations
@@ -22,8 +20,10 @@ import stat
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 from wavg.errors import CheckpointError, InputChanged
+from wavg.storage.bytesource import ByteSource
 
 # Linux's limit on the buffers of one preadv.
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
@@ -34,11 +34,11 @@ def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
 
 
 class InputFile:
-    """A regular file opened read-only, with its identity recorded at first open."""
+    """A regular file opened read-only, with its identity recorded at first open: a
+    `ByteSource` whose reads are ``pread``/``preadv`` on one shared descriptor."""
 
-    # Whether `will_read` hints pay off (a remote source fetches them ahead; the kernel
-    # reads ahead for a local file), so a format knows if working out ranges is worth it.
-    prefetches = False
+    prefetches = False  # the kernel reads ahead
+    links = True  # a name beside it may be a symlink
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -59,6 +59,7 @@ class InputFile:
         self._fd: int | None = fd
         self._lock = threading.Lock()
         self.keep_open = True
+        self.file_key = self.identity[:2]  # (device, inode): one file under any name
         # Counted by byte sources that fetch over a network; a local file fetches nothing.
         self.bytes_fetched = 0
         self.requests = 0
@@ -170,7 +171,7 @@ class InputFile:
     def sibling(self, name: str) -> InputFile:
         """The file called `name` next to this one (a shard beside its index), opened and
         identified the same way. `name` is one path segment; the caller checks it."""
-        return InputFile(os.path.join(os.path.dirname(self.path), name))
+        return InputFile(str(Path(self.path).parent / name))
 
     def h5py_source(self) -> str | io.BufferedReader:
         """What h5py should open to read this file: its path, for h5py's own driver."""
@@ -191,15 +192,12 @@ class InputFile:
         if _identity(st) != self.identity:
             raise InputChanged(self.path, "changed while it was being read")
 
-    def same_file(self, st: os.stat_result) -> bool:
-        return (st.st_dev, st.st_ino) == self.identity[:2]
-
 
 class Window(io.RawIOBase):
-    """A read-only, seekable file object over bytes ``start … start+size`` of a byte source
-    (anything with `readinto(offset, buffer)`): how zipfile and h5py read an input."""
+    """A read-only, seekable file object over bytes ``start … start+size`` of a byte source:
+    how zipfile and h5py read an input."""
 
-    def __init__(self, file, start: int, size: int) -> None:
+    def __init__(self, file: ByteSource, start: int, size: int) -> None:
         self._file, self._start, self._size, self._pos = file, start, size, 0
 
     def readable(self) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 import errno
 import heapq
+import io
 import itertools
 import os
 import re
@@ -26,7 +27,7 @@ from typing import Any, TypeVar
 from wavg._runtime import signals_held
 from wavg.errors import CheckpointError, InputChanged, OutputError, UsageError, WavgError
 from wavg.storage.local import Window
-from wavg.storage.locations import redact
+from wavg.storage.locations import Url, identity_key, redact
 
 PAGE = 32 << 10  # metadata reads are served from pages of this size
 SMALL_READ = 4 * PAGE  # reads up to this size go through the page cache
@@ -370,16 +371,18 @@ _file_seq = itertools.count()
 
 
 class RemoteFile:
-    """An object in storage, read-only, with the methods of `InputFile`.
+    """An object in storage, read-only: a `ByteSource` whose reads are ranged requests.
 
     `path` is the redacted URL (what every message shows); the real URL stays private.
     """
 
-    prefetches = True
+    prefetches = True  # `will_read` ranges are fetched ahead, concurrently
+    links = False  # object stores have no symlinks
 
     def __init__(self, url: str) -> None:
         self._url = url
         self.path = redact(url)
+        self.file_key = identity_key(Url(url))
         self.keep_open = True
         self.bytes_fetched = 0
         self.requests = 0
@@ -532,6 +535,7 @@ class RemoteFile:
         _prefetcher.submit(self, chunks)
 
     def copy_range_to(self, dst_fd: int, src_at: int, dst_at: int, count: int) -> None:
+        """Copy `count` bytes at `src_at` to `dst_fd` at `dst_at`, a chunk at a time."""
         while count > 0:
             step = min(count, CHUNK)
             data = self.read_at(src_at, step)
@@ -541,9 +545,7 @@ class RemoteFile:
                 view, dst_at = view[written:], dst_at + written
             src_at, count = src_at + step, count - step
 
-    def h5py_source(self) -> Any:
-        import io
-
+    def h5py_source(self) -> io.BufferedReader:
         # A small buffer: h5py's reads are scattered, and the page cache does the fetching.
         return io.BufferedReader(Window(self, 0, self.size), 8 << 10)
 

@@ -6,6 +6,7 @@ but unwritten contiguous dataset. Its bytes are then filled in one pass, in file
 the output is written once and sequentially whatever the format around it. It is needed only
 when the output differs in structure from the newest input (--drop-optimizer) or a tensor
 cannot be read raw; otherwise the newest input's own bytes serve (`lay_out_output`).
+The writers fill the holes with `pwrite_all`; nothing here reads a tensor's value.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import h5py
 import numpy as np
 
 from wavg.errors import CheckpointError
-from wavg.formats.hdf5.walk import Tensor, gaps_between
+from wavg.formats.base import Tensor
+from wavg.formats.hdf5.reader import Hdf5Checkpoint
+from wavg.formats.hdf5.walk import gaps_between
 
 
 def build_skeleton(
@@ -158,7 +161,7 @@ def _copy_attrs(src: h5py.HLObject, dst: h5py.HLObject) -> None:
 
 
 def lay_out_output(
-    template, skeleton_path: str, keep: Callable[[str], bool] | None
+    template: Hdf5Checkpoint, skeleton_path: str, keep: Callable[[str], bool] | None
 ) -> tuple[dict[str, int], bool]:
     """Decide where the output's HDF5 bytes come from; return the averaged tensors' offsets
     in them and whether they are the template's own bytes.
@@ -179,7 +182,7 @@ def lay_out_output(
     return offsets, True
 
 
-def copy_around_tensors(template, offsets: dict[str, int], dst_fd: int) -> None:
+def copy_around_tensors(template: Hdf5Checkpoint, offsets: dict[str, int], dst_fd: int) -> None:
     """Give `dst_fd` the template's HDF5 bytes except the averaged tensors' (left as holes).
 
     The copy stays in the kernel (``copy_file_range``) where the platform has it.
@@ -190,3 +193,14 @@ def copy_around_tensors(template, offsets: dict[str, int], dst_fd: int) -> None:
     os.ftruncate(dst_fd, length)
     for first, last in gaps_between(extents, 0, length):
         template.file.copy_range_to(dst_fd, start + first, first, last - first)
+
+
+def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of `data` at `offset` (pwrite may write less than asked)."""
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
+
+
+def as_bytes(data: np.ndarray) -> memoryview:
+    return memoryview(np.ascontiguousarray(data)).cast("B")

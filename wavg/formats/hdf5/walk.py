@@ -5,7 +5,7 @@ Keras keeps weights in HDF5 in all three formats (legacy ``.h5``, ``.weights.h5`
 and where the optimizer state sits. This module knows HDF5, not Keras.
 
 Reading: most tensors Keras writes are contiguous and unfiltered, so their bytes are read
-raw (``InputFile.readinto``/``readv``) straight into a numpy buffer (no HDF5 call per
+raw (the byte source's ``readinto``/``readv``) straight into a numpy buffer (no HDF5 call per
 chunk, the GIL released, no copy). Anything else (chunked, compressed, compact) is read through h5py by hyperslab.
 
 Safety: the walk refuses anything that would make a read leave the file (external links,
@@ -15,64 +15,19 @@ that lies past the end of the file, and declared sizes that dwarf the stored byt
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import IO, Any
 
 import h5py
 import numpy as np
 
 from wavg.errors import CheckpointError, UnsafeCheckpoint
+from wavg.formats.base import EXPANSION_FLOOR_BYTES, MAX_EXPANSION, Tensor, bfloat16
 
 IEEE_FLOATS = tuple(
     getattr(h5py.h5t, f"IEEE_F{bits}{order}") for bits in (16, 32, 64) for order in ("LE", "BE")
 )
-# A chunked or compressed dataset may declare at most this many times its stored bytes
-# (beyond a small floor): real weights barely compress, a fill-value bomb compresses ~1000x.
-MAX_EXPANSION = 64
-EXPANSION_FLOOR_BYTES = 16 << 20
-
-
-@functools.cache
-def bfloat16() -> np.dtype:
-    """numpy's bfloat16 (from ml_dtypes, imported on first use: most models have none, and
-    every import is paid at each start-up)."""
-    import ml_dtypes
-
-    return np.dtype(ml_dtypes.bfloat16)
-
-
-def __getattr__(name: str) -> np.dtype:
-    if name == "BFLOAT16":  # the constant this module used to export
-        return bfloat16()
-    raise AttributeError(name)
-
-
-@dataclass(frozen=True)
-class Tensor:
-    """One dataset of a weights file, as far as averaging is concerned.
-
-    `dtype` is the numeric type used for arithmetic (bfloat16 for Keras' opaque 2-byte
-    storage); `storage` is the type on disk. `offset` is the absolute byte position of the
-    data in the physical file when it can be read raw (contiguous, unfiltered), else None.
-    """
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    storage: np.dtype
-    averaged: bool
-    offset: int | None
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.size * self.storage.itemsize
 
 
 def numeric_dtype(dtype: np.dtype) -> np.dtype | None:
@@ -322,38 +277,6 @@ def confirm_opaque_types(h5: h5py.File, tensors: dict[str, Tensor]) -> None:
 def _reason(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text[:200]
-
-
-def iter_blocks(
-    shape: tuple[int, ...], itemsize: int, budget: int
-) -> Iterator[tuple[int, int, tuple[slice, ...]]]:
-    """Split a C-ordered array into hyperslabs of at most `budget` bytes where possible.
-
-    Yields ``(flat_start, count, slices)``; each block is contiguous in memory order, so the
-    raw path reads ``count`` items at ``flat_start`` and the h5py path reads ``slices``. A
-    block is larger than the budget only when a single innermost row is.
-    """
-    if math.prod(shape) == 0:
-        return
-    if not shape:
-        yield 0, 1, ()
-        return
-    yield from _blocks(shape, itemsize, max(budget, itemsize), 0)
-
-
-def _blocks(
-    shape: tuple[int, ...], itemsize: int, budget: int, flat_start: int
-) -> Iterator[tuple[int, int, tuple[slice, ...]]]:
-    inner = math.prod(shape[1:])
-    if inner * itemsize <= budget or len(shape) == 1:
-        rows = max(1, budget // max(1, inner * itemsize))
-        for first in range(0, shape[0], rows):
-            stop = min(first + rows, shape[0])
-            yield flat_start + first * inner, (stop - first) * inner, (slice(first, stop),)
-        return
-    for index in range(shape[0]):
-        for start, count, rest in _blocks(shape[1:], itemsize, budget, flat_start + index * inner):
-            yield start, count, (slice(index, index + 1), *rest)
 
 
 def read_hyperslab(dset: h5py.Dataset, slices: tuple[slice, ...], path: str) -> np.ndarray:

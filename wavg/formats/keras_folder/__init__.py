@@ -23,6 +23,7 @@ from wavg.formats.base import Writer
 from wavg.formats.composite import CompositeCheckpoint, PartsWriter
 from wavg.formats.keras_folder.commit import CONFIG, check_model_folder, folder_output
 from wavg.formats.layouts import KERAS3_WEIGHTS, KERAS_FOLDER
+from wavg.storage.bytesource import ByteSource
 from wavg.storage.local import InputFile
 
 WEIGHTS = "model.weights.h5"
@@ -48,7 +49,7 @@ class Tree(Protocol):
     def walk(self, names: set[str]) -> tuple[list[str], list[str]]:
         """The sub-folders and files under `names`, relative to the folder."""
 
-    def open(self, relative: str) -> InputFile:
+    def open(self, relative: str) -> ByteSource:
         """A byte source for a file of the folder, pinned like any input."""
 
 
@@ -63,7 +64,7 @@ class KerasFolderCheckpoint(CompositeCheckpoint):
                 other = sorted(n for n in names if n.startswith("model.weights"))
                 hint = f" (found {other[0]}, which wavg does not average)" if other else ""
                 raise CheckpointError(path, f"not a Keras model folder: no {needed}{hint}")
-        self.copies: list[tuple[str, InputFile]] = []
+        self.copies: list[tuple[str, ByteSource]] = []
         try:
             self.folders, files = tree.walk(names - {WEIGHTS})
             for relative in files:
@@ -149,7 +150,7 @@ class LocalTree:
             check_file_count(len(found) + len(pending), self.path)
         return folders, found
 
-    def open(self, relative: str) -> InputFile:
+    def open(self, relative: str) -> ByteSource:
         """Open a file of the folder; a symlink must stay in the folder."""
         target = self.folder / relative
         if target.is_symlink():
@@ -172,14 +173,14 @@ def check_file_count(count: int, path: str) -> None:
         raise UnsafeCheckpoint(path, f"holds over {MAX_COPIED_FILES} files")
 
 
-def check_copied_size(file: InputFile, relative: str, path: str) -> None:
+def check_copied_size(file: ByteSource, relative: str, path: str) -> None:
     """A copied file (any but the weights) must be small, as in archives."""
     if relative != WEIGHTS and file.size > MAX_COPIED_BYTES:
         file.release()
         raise UnsafeCheckpoint(path, f"{relative} is implausibly large for a model file")
 
 
-def _copy_file(file: InputFile, target: Path) -> int:
+def _copy_file(file: ByteSource, target: Path) -> int:
     """Copy an input file (re-identified on open) to a new file, fsynced."""
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
     try:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from wavg.errors import CheckpointError, UnsafeCheckpoint
 from wavg.formats.keras_folder import WEIGHTS, check_copied_size, check_file_count
 from wavg.formats.keras_folder.commit import CONFIG
-from wavg.storage.local import InputFile
+from wavg.storage.bytesource import ByteSource
 from wavg.storage.locations import is_plain_relative_path, redact
 from wavg.storage.remote import RemoteFile, _retrying, filesystem
 
@@ -59,14 +59,14 @@ class RemoteTree:
             folders.update("/".join(parts[: i + 1]) for i in range(len(parts)))
         return sorted(folders, key=lambda f: (f.count("/"), f)), files
 
-    def open(self, relative: str) -> InputFile:
+    def open(self, relative: str) -> ByteSource:
         _check_name(relative, self.path)
         try:
             file = RemoteFile(f"{self.url}/{relative}")
         except CheckpointError as exc:
             raise type(exc)(self.path, f"{relative}: {exc.problem}") from None
-        check_copied_size(file, relative, self.path)  # type: ignore[arg-type]
-        return file  # type: ignore[return-value]
+        check_copied_size(file, relative, self.path)
+        return file
 
 
 def _check_name(relative: str, path: str) -> None:

@@ -30,8 +30,14 @@ from wavg.errors import (
     UnsafeCheckpoint,
     WavgError,
 )
-from wavg.formats.base import Checkpoint, Writer
-from wavg.formats.hdf5.walk import BFLOAT16, EXPANSION_FLOOR_BYTES, MAX_EXPANSION, Tensor
+from wavg.formats.base import (
+    EXPANSION_FLOOR_BYTES,
+    MAX_EXPANSION,
+    Checkpoint,
+    Tensor,
+    Writer,
+    bfloat16,
+)
 from wavg.formats.keras_folder.commit import folder_output
 from wavg.formats.layouts import Layout
 from wavg.formats.orbax.steps import COMMIT_MARKER, PYTREE, StepFiles, StepUrl
@@ -165,13 +171,9 @@ class OrbaxStep(Checkpoint):
             shape=shape,
             dtype=storage,
             storage=storage,
-            averaged=(storage.kind == "f" or storage == BFLOAT16) and group in AVERAGED_GROUPS,
+            averaged=(storage.kind == "f" or storage == bfloat16()) and group in AVERAGED_GROUPS,
             offset=None,
         )
-
-    @property
-    def raw_readable(self) -> bool:
-        return False
 
     def blocks(self, tensor: Tensor, budget: int) -> Iterator[tuple[int, int, tuple[slice, ...]]]:
         """One block per stored chunk: TensorStore decodes whole chunks, so a smaller block
@@ -195,17 +197,8 @@ class OrbaxStep(Checkpoint):
             raise CheckpointError(self.path, f"array {tensor.name} changed while it was read")
         return flat.view(tensor.dtype)
 
-    def trim(self) -> None:
-        """TensorStore keeps no descriptors open between reads."""
-
-    def will_read(self, names: list[str], readers: int = 1) -> None:
-        """TensorStore schedules its own reads; a step is local."""
-
-    def release(self) -> None:
-        self.file.release()
-
     def check_matches(self, newest: Checkpoint) -> None:
-        other = getattr(newest, "config", None)
+        other = newest.config if isinstance(newest, OrbaxStep) else None
         if self.config != other:
             raise CheckpointMismatch(
                 self.path, f"was saved from another model config than {newest.path}"

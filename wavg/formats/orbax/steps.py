@@ -114,7 +114,7 @@ def committed_steps(root: Path) -> tuple[list[Path], list[str]]:
 class StepFiles:
     """The files of one step directory, checked to be plain and watched for changes.
 
-    Plays the part `InputFile` plays for single-file checkpoints: a training job may delete
+    The step's `InputSource` (wavg.storage.bytesource): a training job may delete
     or rewrite an old step (``max_to_keep``) while wavg reads it, so the identity of every
     file (inode, size, mtime) is recorded when the step is opened and compared at the end.
     A symlink or special file anywhere in the step is refused: a step must not lead outside

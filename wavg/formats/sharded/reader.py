@@ -23,13 +23,13 @@ from wavg.formats.h5file import H5Checkpoint
 from wavg.formats.layouts import KERAS3_WEIGHTS, SHARDED_WEIGHTS
 from wavg.formats.sharded.commit import ShardedCommit
 from wavg.formats.sharded.index import MAX_INDEX_BYTES, ShardIndex, parse_index
-from wavg.storage.local import InputFile
+from wavg.storage.bytesource import ByteSource
 
 
 class ShardedCheckpoint(CompositeCheckpoint):
     """A ``.weights.json`` index and its shards, read as one checkpoint."""
 
-    def __init__(self, index_file: InputFile) -> None:
+    def __init__(self, index_file: ByteSource) -> None:
         path = index_file.path
         self._index_file = index_file
         if index_file.size > MAX_INDEX_BYTES:
@@ -42,12 +42,13 @@ class ShardedCheckpoint(CompositeCheckpoint):
             seen: dict[object, str] = {}
             for name in self.index.shards:
                 file = self._open_shard(name)
-                # The same local file under two names (hard link); objects differ by name.
-                key = file.identity[:2] if type(file) is InputFile else name
-                if key in seen:
+                # The same file under two names (a hard link).
+                if file.file_key in seen:
                     file.release()
-                    raise UnsafeCheckpoint(path, f"shards {seen[key]} and {name} are one file")
-                seen[key] = name
+                    raise UnsafeCheckpoint(
+                        path, f"shards {seen[file.file_key]} and {name} are one file"
+                    )
+                seen[file.file_key] = name
                 try:
                     parts.append((name, self._open_part(file, KERAS3_WEIGHTS)))
                 except BaseException:
@@ -60,14 +61,18 @@ class ShardedCheckpoint(CompositeCheckpoint):
                 part.close()
             raise
 
-    def _open_shard(self, name: str) -> InputFile:
-        if type(self._index_file) is not InputFile:
-            # Object storage: a plain name (checked by parse_index) is an object beside the
-            # index; there are no symlinks to follow out of the folder.
-            try:
-                return self._index_file.sibling(name)
-            except CheckpointError as exc:
-                raise type(exc)(self.path, f"shard {name}: {exc.problem}") from None
+    def _open_shard(self, name: str) -> ByteSource:
+        """The shard `name` beside the index (a plain name, checked by `parse_index`)."""
+        if self._index_file.links:
+            self._refuse_link_out(name)
+        try:
+            return self._index_file.sibling(name)
+        except CheckpointError as exc:
+            raise type(exc)(self.path, f"shard {name}: {exc.problem}") from None
+
+    def _refuse_link_out(self, name: str) -> None:
+        """A shard beside a local index must exist and may be a symlink only within the
+        index's folder."""
         folder = Path(self.path).parent
         shard = folder / name
         try:
@@ -82,10 +87,6 @@ class ShardedCheckpoint(CompositeCheckpoint):
                 raise UnsafeCheckpoint(
                     self.path, f"shard {name} is a symlink leading out of the index's folder"
                 )
-        try:
-            return InputFile(str(shard))
-        except CheckpointError as exc:
-            raise type(exc)(self.path, f"shard {name}: {exc.problem}") from None
 
     def _check_agreement(self) -> None:
         """Index and shards describe the same tensors, each in exactly one shard."""
