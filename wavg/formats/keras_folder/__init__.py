@@ -4,7 +4,7 @@ and model.weights.h5 (and an ``assets/`` tree when the model has assets).
 The weights file is averaged as an HDF5 checkpoint; every other file is copied from the
 newest folder byte for byte, as data, and the new folder replaces the old in one swap
 (`wavg.formats.commit.local.folder_output`). The folder may be local or a prefix in object storage
-(`remote_folder.RemoteTree`): either way it is a `Tree` of relative names and byte sources.
+(`keras_folder.remote.RemoteTree`): either way it is a `Tree` of relative names and byte sources.
 Nothing here follows a link out of the folder.
 """
 
@@ -34,10 +34,17 @@ COPY_BLOCK = 1 << 20
 
 
 def is_keras_folder(path: str) -> bool:
-    """A folder Keras' loader would take for a model: it holds config.json or the weights."""
+    """A local folder Keras' loader would take for a model: it holds config.json or the
+    weights."""
     return os.path.isdir(path) and any(
         os.path.lexists(os.path.join(path, name)) for name in (CONFIG, WEIGHTS)
     )
+
+
+def holds_model_files(names: set[str]) -> bool:
+    """Whether a folder's names (a prefix's, in a bucket) make it a model for Keras' loader,
+    as `is_keras_folder` for a local one."""
+    return bool({CONFIG, WEIGHTS} & names)
 
 
 class Tree(Protocol):
