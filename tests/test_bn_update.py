@@ -324,6 +324,22 @@ def test_bad_input_is_one_line_with_nothing_written(models, tmp_path, case):
     assert before == {p: p.read_bytes() for p in models["seq"].values()}
 
 
+def test_the_model_may_be_an_unzipped_keras_folder_as_combine_accepts(
+    keras_module, models, tmp_path
+):
+    """--model is read through combine's registry: an unzipped .keras folder Keras wrote
+    gives the architecture exactly as the .keras archive does."""
+    seq = models["seq"]
+    folder = tmp_path / "seq_model"
+    keras_module.models.load_model(seq["keras"]).save(folder, zipped=False)
+    from_archive, from_folder = tmp_path / "a.weights.h5", tmp_path / "b.weights.h5"
+    args = (seq["weights.h5"], "--data", models["data"]["npz"], "--batch-size", BATCH)
+    assert run_wavg("bn-update", *args, "--model", seq["keras"], "-o", from_archive)[0] == 0
+    code, _, stderr = run_wavg("bn-update", *args, "--model", folder, "-o", from_folder)
+    assert code == 0, stderr
+    assert from_folder.read_bytes() == from_archive.read_bytes()
+
+
 def test_a_model_holding_code_is_refused_before_keras_loads_it(keras_module, models, tmp_path):
     keras = keras_module
     net = keras.Sequential(

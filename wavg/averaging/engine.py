@@ -40,6 +40,7 @@ from wavg.errors import (
 from wavg.formats.registry import (
     Checkpoint,
     Tensor,
+    check_output,
     expand_checkpoint_dirs,
     open_checkpoint,
     staged_output,
@@ -47,7 +48,7 @@ from wavg.formats.registry import (
 from wavg.storage.atomic import check_output_parent
 from wavg.storage.descriptors import OPEN_FILES
 from wavg.storage.globs import expand_inputs
-from wavg.storage.locations import Location, Url, as_location, identity_key
+from wavg.storage.locations import Location, as_location, identity_key
 
 # Items per block: 256 Ki items keeps a worker's float64 sum and scratch at 4 MiB, within
 # the caches the sum is added in, and cuts a small model (MobileNetV2: 3.5 M weights) into
@@ -224,11 +225,7 @@ def run_plan(
             newest = inputs[-1]
             requantizer = plan_quantized(inputs, plan.raw_weights, quantized, block_items)
             _check_compatible(inputs, out_path)
-            if isinstance(out_location, Url) and not newest.output_to_url:
-                raise UsageError(
-                    f"{out_location}: writing {newest.layout.name} output to object storage "
-                    "is not supported yet; write it to a local directory"
-                )
+            check_output(out_location, newest)
             if requantizer is not None:
                 mark_written(newest, requantizer)
             averaged = [t for t in newest.tensors.values() if t.averaged]

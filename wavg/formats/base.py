@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -185,6 +186,13 @@ class Checkpoint:
     def model_config(self) -> dict | None:
         """The stored model config as parsed JSON, or None when the format keeps none
         (``.weights.h5``) or it is unreadable. Read as data only, never deserialized."""
+        return None
+
+    def training_config(self) -> Any:
+        """The stored training config as parsed JSON (the loss, metrics and optimizer
+        ``compile=True`` deserializes; whatever it holds, so a check sees all of it) where the
+        format keeps it apart from the model config (legacy ``.h5``), else None. Read as data
+        only, never deserialized."""
         return None
 
     def read(

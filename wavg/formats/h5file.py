@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from typing import Any
 
 import h5py
 import numpy as np
@@ -50,14 +51,20 @@ class H5Checkpoint(Hdf5Checkpoint):
         return h5
 
     def model_config(self) -> dict | None:
+        config = self._json_attribute("model_config")
+        return config if isinstance(config, dict) else None
+
+    def training_config(self) -> Any:
+        return self._json_attribute("training_config")
+
+    def _json_attribute(self, name: str) -> Any:
         # Read only after `_load_tensors` has checked the global heaps that hold the string.
         try:
             with self.weights_h5() as h5:
-                text = h5.attrs.get("model_config")
-            config = json.loads(text) if text is not None else None
+                text = h5.attrs.get(name)
+            return json.loads(text) if text is not None else None
         except (OSError, RuntimeError, ValueError, TypeError):  # RecursionError: RuntimeError
             return None
-        return config if isinstance(config, dict) else None
 
     def weights_bytes(self) -> tuple[int, int] | None:
         return (0, self.file.size) if self.raw_readable else None

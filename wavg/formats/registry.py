@@ -1,23 +1,24 @@
-"""Checkpoint formats: open any supported file as a `Checkpoint` and write its like.
+"""Checkpoint formats: the one place that says what a location is, and opens it.
 
-The format is recognised from the file's bytes, not its name: a zip archive is a ``.keras``
-model, an HDF5 file is a legacy ``.h5`` model, legacy weights or Keras 3 ``.weights.h5``
-(told apart by their layout, see `layouts`). Checkpoints of several files are recognised by
-content too: a JSON index is sharded weights, a folder (or a prefix in a bucket) holding
-config.json or model.weights.h5 an unzipped ``.keras`` model, a local folder an Orbax step
-(see `orbax_steps`); an Orbax root stands for its committed steps
-(`expand_checkpoint_dirs`). Where the bytes come from (a local file, an object in storage)
-is the byte source's business (`open_source`); formats never ask.
+A location is recognised by what it offers, never by its name: a local folder's listing, a
+bucket prefix's listing (storage says whether a URL names an object or a prefix,
+`storage.remote.open_url`), a file's bytes, or an Orbax root. `RECOGNISERS` is the ordered
+table of what each kind of location is and which format opens it; `open_checkpoint` and
+`expand_checkpoint_dirs` go through it, and so does model loading (`wavg.workflows`), so
+every command accepts the same locations. A format's module is imported only when a
+location of its kind is met. Recognising reads listings and a few bytes, never a tensor.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from wavg.errors import CheckpointError
+from wavg.errors import CheckpointError, UsageError
 from wavg.formats.base import Checkpoint, Tensor, Writer, iter_blocks
 from wavg.formats.orbax import steps as orbax_steps
 from wavg.storage.bytesource import ByteSource
@@ -25,16 +26,170 @@ from wavg.storage.local import InputFile
 from wavg.storage.locations import Location, Url, as_location
 
 __all__ = [
+    "RECOGNISERS",
     "Checkpoint",
+    "Recogniser",
     "Tensor",
     "Writer",
+    "check_output",
     "expand_checkpoint_dirs",
     "iter_blocks",
-    "open_checkpoint",
     "local_copies",
+    "open_checkpoint",
     "open_source",
+    "recognise",
     "staged_output",
 ]
+
+# What a recogniser looks at: what the location offers.
+ORBAX_ROOT = "Orbax root"  # a local folder or a URL that may stand for several steps
+FOLDER = "local folder"  # its listing
+PREFIX = "bucket prefix"  # its listing (`storage.remote.RemotePrefix`)
+STEP_URL = "Orbax step URL"  # a URL an Orbax root's listing found to be a step
+BYTES = "bytes"  # a file's or object's first bytes (`InputFile`, `RemoteFile`)
+
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+_ZIP_SIGNATURE = b"PK\x03\x04"
+
+Opener = Callable[[Any, "Checkpoint | None"], Checkpoint]
+Expander = Callable[[Any], "tuple[list[Location], list[str]] | None"]
+
+
+@dataclass(frozen=True)
+class Recogniser:
+    """One row of the table: a kind of location, what of it the row looks at, how the kind
+    is told, and what it is: a checkpoint a format `opens`, or a root that `expands` to the
+    checkpoints it stands for (None from `expands`: not one after all, it stands for itself).
+    """
+
+    kind: str
+    looks_at: str
+    matches: Callable[[Any], bool]
+    opens: Opener | None = None
+    expands: Expander | None = None
+
+
+# -- how each kind is told (cheap: listings and a few bytes) ----------------------------------
+
+
+def _is_local_root(location: str | Url) -> bool:
+    return not isinstance(location, Url) and orbax_steps.is_root(location)
+
+
+def _is_remote_root(location: str | Url) -> bool:
+    if not isinstance(location, Url) or isinstance(location, orbax_steps.StepUrl):
+        return False
+    from wavg.formats.orbax import remote as orbax_remote
+
+    return orbax_remote.handles(location.url)
+
+
+def _is_step_url(location: Url) -> bool:
+    return isinstance(location, orbax_steps.StepUrl)
+
+
+def _is_keras_folder(folder: str) -> bool:
+    from wavg.formats.keras_folder import is_keras_folder
+
+    return is_keras_folder(folder)
+
+
+def _is_keras_prefix(prefix: Any) -> bool:
+    from wavg.formats.keras_folder import holds_model_files
+
+    return holds_model_files(prefix.names())
+
+
+def _is_index(file: ByteSource) -> bool:
+    from wavg.formats.sharded.index import looks_like_index
+
+    return looks_like_index(file.read_at(0, min(64, file.size)))
+
+
+def _is_zip(file: ByteSource) -> bool:
+    return file.size >= 8 and file.read_at(0, 8).startswith(_ZIP_SIGNATURE)
+
+
+def _is_hdf5(file: ByteSource) -> bool:
+    # HDF5 looks for its signature at 0, 512, 1024, 2048, ... (after a user block).
+    offset = 0
+    while offset + 8 <= file.size:
+        if file.read_at(offset, 8) == _HDF5_SIGNATURE:
+            return True
+        offset = 512 if offset == 0 else offset * 2
+    return False
+
+
+# -- what each kind is (a format's module is imported here, when its kind is met) -------------
+
+
+def _local_root_steps(root: str) -> tuple[list[Location], list[str]]:
+    steps, skipped = orbax_steps.expand_root(root)
+    return [Path(step) for step in steps], skipped
+
+
+def _remote_root_steps(url: Url) -> tuple[list[Location], list[str]] | None:
+    from wavg.formats.orbax import remote as orbax_remote
+
+    found = orbax_remote.expand_url(url.url)
+    return None if found is None else (list(found[0]), found[1])
+
+
+def _orbax_step(path: Any, like: Checkpoint | None) -> Checkpoint:
+    from wavg.formats.orbax.step import OrbaxStep
+
+    return OrbaxStep(path)
+
+
+def _keras_folder(folder: str, like: Checkpoint | None) -> Checkpoint:
+    from wavg.formats.keras_folder import KerasFolderCheckpoint
+
+    return KerasFolderCheckpoint(folder)
+
+
+def _keras_prefix(prefix: Any, like: Checkpoint | None) -> Checkpoint:
+    from wavg.formats.keras_folder import KerasFolderCheckpoint
+    from wavg.formats.keras_folder.remote import RemoteTree
+
+    return KerasFolderCheckpoint(prefix.path, RemoteTree(prefix))
+
+
+def _sharded(file: ByteSource, like: Checkpoint | None) -> Checkpoint:
+    from wavg.formats.sharded.reader import ShardedCheckpoint
+
+    return ShardedCheckpoint(file)
+
+
+def _keras_zip(file: ByteSource, like: Checkpoint | None) -> Checkpoint:
+    from wavg.formats.keras_zip import KerasCheckpoint
+
+    return KerasCheckpoint(file, like)
+
+
+def _hdf5(file: ByteSource, like: Checkpoint | None) -> Checkpoint:
+    from wavg.formats.h5file import H5Checkpoint
+
+    return H5Checkpoint(file, like=like)
+
+
+RECOGNISERS: tuple[Recogniser, ...] = (
+    Recogniser("Orbax root", ORBAX_ROOT, _is_local_root, expands=_local_root_steps),
+    Recogniser("Orbax root or step", ORBAX_ROOT, _is_remote_root, expands=_remote_root_steps),
+    Recogniser("Orbax step", FOLDER, orbax_steps.is_step, opens=_orbax_step),
+    Recogniser("Orbax step", STEP_URL, _is_step_url, opens=_orbax_step),
+    Recogniser("unzipped .keras folder", FOLDER, _is_keras_folder, opens=_keras_folder),
+    Recogniser("unzipped .keras folder", PREFIX, _is_keras_prefix, opens=_keras_prefix),
+    Recogniser("sharded weights index", BYTES, _is_index, opens=_sharded),
+    Recogniser(".keras archive", BYTES, _is_zip, opens=_keras_zip),
+    Recogniser("HDF5 (.h5, .weights.h5)", BYTES, _is_hdf5, opens=_hdf5),
+)
+
+
+# -- the table at work ------------------------------------------------------------------------
+
+
+def _first(looks_at: str, offered: Any) -> Recogniser | None:
+    return next((r for r in RECOGNISERS if r.looks_at == looks_at and r.matches(offered)), None)
 
 
 def expand_checkpoint_dirs(locations: list[Location]) -> tuple[list[Location], list[str]]:
@@ -48,23 +203,78 @@ def expand_checkpoint_dirs(locations: list[Location]) -> tuple[list[Location], l
     found: list[Location] = []
     warnings: list[str] = []
     for location in locations:
-        if isinstance(location, Url):
-            expanded = None
-            if not isinstance(location, orbax_steps.StepUrl):
-                from wavg.formats.orbax import remote as orbax_remote
-
-                if orbax_remote.handles(location.url):
-                    expanded = orbax_remote.expand_url(location.url)
-            if expanded is None:
-                found.append(location)
-            else:
-                found.extend(expanded[0])
-                warnings.extend(expanded[1])
-            continue
-        steps, skipped = orbax_steps.expand_inputs([os.fspath(location)])
-        found.extend(Path(step) for step in steps)
-        warnings.extend(skipped)
+        offered = location if isinstance(location, Url) else os.fspath(location)
+        root = _first(ORBAX_ROOT, offered)
+        expanded = root.expands(offered) if root is not None and root.expands else None
+        if expanded is None:
+            found.append(location)
+        else:
+            found.extend(expanded[0])
+            warnings.extend(expanded[1])
     return found, warnings
+
+
+def recognise(path: str | os.PathLike[str] | Url) -> tuple[Recogniser, Any]:
+    """Which row of the table `path` is, and what it offered (a folder's path, a listed
+    prefix or an open byte source, which the row's format takes over); raises
+    `CheckpointError` if it is no checkpoint. Orbax roots are expanded earlier
+    (`expand_checkpoint_dirs`): here a location is one checkpoint.
+
+    A URL is asked of storage once (object or prefix, `storage.remote.open_url`).
+    """
+    location = as_location(path)
+    step = _first(STEP_URL, location)
+    if step is not None:
+        return step, location
+    if isinstance(location, Url):
+        from wavg.storage.remote import RemotePrefix, open_url
+
+        offered = open_url(location.url)
+        if isinstance(offered, RemotePrefix):
+            row = _first(PREFIX, offered)
+            if row is None:
+                raise CheckpointError(offered.path, "is a directory (a prefix), not a checkpoint")
+            return row, offered
+        return _recognise_bytes(offered)
+    folder = os.fspath(location)
+    if os.path.isdir(folder):
+        row = _first(FOLDER, folder)
+        if row is not None:
+            return row, folder
+    return _recognise_bytes(InputFile(folder))  # a bare folder: the byte source says so
+
+
+def _recognise_bytes(file: ByteSource) -> tuple[Recogniser, ByteSource]:
+    try:
+        row = _first(BYTES, file)
+        if row is not None:
+            return row, file
+        if file.size < 8:
+            raise CheckpointError(file.path, "too short to be a checkpoint (truncated?)")
+        raise CheckpointError(
+            file.path, "not a Keras checkpoint (neither HDF5 nor a .keras archive)"
+        )
+    except BaseException:
+        file.release()
+        raise
+
+
+def open_checkpoint(
+    path: str | os.PathLike[str] | Url, like: Checkpoint | None = None
+) -> Checkpoint:
+    """Open `path` read-only and list its tensors; raises `CheckpointError` if it is unusable.
+
+    `like`, an open checkpoint likely of the same run (another input), lets a format verify
+    that this file has its structure instead of walking it afresh.
+    """
+    row, offered = recognise(path)
+    assert row.opens is not None
+    try:
+        return row.opens(offered, like)
+    except BaseException:
+        if row.looks_at == BYTES:
+            offered.release()
+        raise
 
 
 def open_source(name: str | os.PathLike[str] | Url) -> ByteSource:
@@ -109,105 +319,12 @@ def staged_output(out: Location) -> Iterator[Path]:
         yield local
 
 
-_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-_ZIP_SIGNATURE = b"PK\x03\x04"
-
-
-def open_checkpoint(
-    path: str | os.PathLike[str] | Url, like: Checkpoint | None = None
-) -> Checkpoint:
-    """Open `path` read-only and list its tensors; raises `CheckpointError` if it is unusable.
-
-    `like`, an open checkpoint likely of the same run (another input), lets a format verify
-    that this file has its structure instead of walking it afresh.
-    """
-    # Orbax: a local step directory, recognised by its content, or a step in a bucket found
-    # by listing it (roots are expanded earlier, see `expand_checkpoint_dirs`).
-    if isinstance(path, orbax_steps.StepUrl) or (
-        not isinstance(path, Url) and orbax_steps.is_step(path)
-    ):
-        from wavg.formats.orbax.step import OrbaxStep
-
-        return OrbaxStep(path if isinstance(path, Url) else os.fspath(path))
-    folder = _open_folder(path)
-    if folder is not None:
-        return folder
-    try:
-        file = open_source(path)
-    except CheckpointError as exc:
-        folder = _open_remote_folder(path, exc)
-        if folder is None:
-            raise
-        return folder
-    try:
-        if _is_index(file):
-            from wavg.formats.sharded.reader import ShardedCheckpoint
-
-            return ShardedCheckpoint(file)
-        kind = _sniff(file)
-        if kind == "zip":
-            from wavg.formats.keras_zip import KerasCheckpoint
-
-            return KerasCheckpoint(file, like)
-        from wavg.formats.h5file import H5Checkpoint
-
-        return H5Checkpoint(file, like=like)
-    except BaseException:
-        file.release()
-        raise
-
-
-# -- checkpoints of several files: an unzipped .keras folder, a sharded weights index --------
-
-
-def _open_folder(path: str | os.PathLike[str] | Url) -> Checkpoint | None:
-    """A local unzipped .keras folder, or None for anything else (the byte source then names
-    a bare folder)."""
-    location = as_location(path)
-    if isinstance(location, Url) or not os.path.isdir(location):
-        return None
-    from wavg.formats.keras_folder import KerasFolderCheckpoint, is_keras_folder
-
-    folder = os.fspath(location)
-    return KerasFolderCheckpoint(folder) if is_keras_folder(folder) else None
-
-
-def _open_remote_folder(
-    path: str | os.PathLike[str] | Url, problem: CheckpointError
-) -> Checkpoint | None:
-    """An unzipped .keras folder at a URL that names a prefix (`problem` said so), or None."""
-    from wavg.storage.remote import IsAPrefix
-
-    if not isinstance(problem, IsAPrefix):
-        return None
-    from wavg.formats.keras_folder import KerasFolderCheckpoint
-    from wavg.formats.keras_folder.remote import RemoteTree
-
-    location = as_location(path)
-    assert isinstance(location, Url)  # only a URL's byte source says IsAPrefix
-    tree = RemoteTree(location.url)
-    return KerasFolderCheckpoint(tree.path, tree) if tree.is_model_folder() else None
-
-
-def _is_index(file: ByteSource) -> bool:
-    from wavg.formats.sharded.index import looks_like_index
-
-    return looks_like_index(file.read_at(0, min(64, file.size)))
-
-
-# ---------------------------------------------------------------------------------------------
-
-
-def _sniff(file: ByteSource) -> str:
-    head = file.read_at(0, min(8, file.size)) if file.size >= 8 else b""
-    if head.startswith(_ZIP_SIGNATURE):
-        return "zip"
-    # HDF5 looks for its signature at 0, 512, 1024, 2048, ... (after a user block).
-    offset = 0
-    while offset + 8 <= file.size:
-        if file.read_at(offset, 8) == _HDF5_SIGNATURE:
-            return "hdf5"
-        offset = 512 if offset == 0 else offset * 2
-    if file.size < 8:
-        raise CheckpointError(file.path, "too short to be a checkpoint (truncated?)")
-    raise CheckpointError(file.path, "not a Keras checkpoint (neither HDF5 nor a .keras archive)")
+def check_output(out: Location, newest: Checkpoint) -> None:
+    """Refuse, before any tensor is read, object storage as the output of a format that
+    cannot be committed there yet (what else an output may be is the format's own
+    `Checkpoint.check_output`)."""
+    if isinstance(out, Url) and not newest.output_to_url:
+        raise UsageError(
+            f"{out}: writing {newest.layout.name} output to object storage "
+            "is not supported yet; write it to a local directory"
+        )

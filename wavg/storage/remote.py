@@ -1,6 +1,8 @@
 """Checkpoints in object storage (s3://, gs://, any fsspec URL) as byte sources like `InputFile`.
 
-A `RemoteFile` pins the object's size and ETag/generation at open, serves small reads (zip
+`open_url` says what a URL names, asking the backend once: an object (a `RemoteFile`) or a
+prefix of objects (a `RemotePrefix`, listed); what either holds is the formats' business. A
+`RemoteFile` pins the object's size and ETag/generation at open, serves small reads (zip
 and HDF5 metadata) from a page cache, and fetches the ranges it is told will be read
 (`will_read`) ahead of the reader: coalesced, in chunks, several at once, within one memory
 budget shared by every input. Averaging never downloads a whole object and never writes to
@@ -63,10 +65,6 @@ _TRANSIENT_ERRNOS = {
 }
 
 T = TypeVar("T")
-
-
-class IsAPrefix(CheckpointError):
-    """The URL names a prefix (a "folder" of objects), not an object: perhaps a model folder."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,6 +368,81 @@ def plan_chunks(ranges: Sequence[tuple[int, int]], seq: int, chunk: int = CHUNK)
 _file_seq = itertools.count()
 
 
+class _Probe:
+    """One look at what a URL names, retried: an object (opened, with its info) or a prefix.
+
+    Backends say "a prefix" either by an info of type directory or by refusing to open it
+    as a file; both are answers here, not errors.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.fs, self.key = filesystem(url)
+        self.requests = 0
+        display = redact(url)
+
+        def attempt() -> tuple[Any, dict]:
+            self.fs.invalidate_cache(self.key)
+            self.requests += 1
+            try:
+                handle = self.fs.open(self.key, "rb", cache_type="none")
+            except (IsADirectoryError, NotADirectoryError):
+                return None, {"type": "directory"}
+            info = getattr(handle, "details", None)
+            if not info:
+                self.requests += 1
+                info = self.fs.info(self.key)
+            return handle, info
+
+        try:
+            self.handle, self.info = _retrying(attempt, display)
+        except CheckpointError as exc:
+            if exc.problem == "no such object" and _bucket_missing(self.fs, self.key):
+                raise CheckpointError(display, "no such bucket") from None
+            raise
+        self.is_prefix = self.info.get("type") == "directory"
+
+
+class RemotePrefix:
+    """A URL that names a prefix (a "folder" of objects): the objects under it, listed once.
+
+    `files` are their names relative to the prefix, sorted; sub-prefixes appear only through
+    the objects in them, and a console's empty "folder" marker is no file.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url.split("?", 1)[0].rstrip("/")
+        self.path = redact(url)
+        fs, key = filesystem(url)
+        prefix = key.rstrip("/") + "/"
+
+        def attempt() -> dict:
+            fs.invalidate_cache(key)
+            try:
+                return fs.find(prefix, detail=True)
+            except FileNotFoundError:
+                return {}
+
+        self.files = [
+            name[len(prefix) :]
+            for name, info in sorted(_retrying(attempt, self.path).items())
+            if name.startswith(prefix)
+            and info.get("type") != "directory"
+            and len(name) > len(prefix)
+            and not name.endswith("/")
+        ]
+
+    def names(self) -> set[str]:
+        """The names directly under the prefix (files, and the first part of deeper ones)."""
+        return {relative.split("/", 1)[0] for relative in self.files}
+
+
+def open_url(url: str) -> RemoteFile | RemotePrefix:
+    """What `url` names, asked of storage once: the object, opened and pinned as a
+    `RemoteFile`, or the prefix, listed as a `RemotePrefix`."""
+    probe = _Probe(url)
+    return RemotePrefix(url) if probe.is_prefix else RemoteFile(url, probe)
+
+
 class RemoteFile:
     """An object in storage, read-only: a `ByteSource` whose reads are ranged requests.
 
@@ -379,7 +452,7 @@ class RemoteFile:
     prefetches = True  # `will_read` ranges are fetched ahead, concurrently
     links = False  # object stores have no symlinks
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, probe: _Probe | None = None) -> None:
         self._url = url
         self.path = redact(url)
         self.file_key = identity_key(Url(url))
@@ -393,10 +466,12 @@ class RemoteFile:
         self._chunks: list[_Chunk] = []
         self._starts: list[int] = []
         self._seq = next(_file_seq)
-        self.fs, self._key = filesystem(url)
-        self._handle, info = self._open()
-        if info.get("type") == "directory":
-            raise IsAPrefix(self.path, "is a directory (a prefix), not a checkpoint")
+        probe = probe if probe is not None else _Probe(url)
+        if probe.is_prefix:
+            raise CheckpointError(self.path, "is a directory (a prefix), not a checkpoint")
+        self.fs, self._key, self._handle = probe.fs, probe.key, probe.handle
+        self._count(probe.requests)
+        info = probe.info
         self.size = int(info.get("size") or 0)
         if self.size == 0:
             raise CheckpointError(self.path, "is empty")
@@ -406,26 +481,6 @@ class RemoteFile:
         with self._counter_lock:
             self.requests += requests
             self.bytes_fetched += nbytes
-
-    def _open(self) -> tuple[Any, dict]:
-        def attempt() -> tuple[Any, dict]:
-            self.fs.invalidate_cache(self._key)
-            self._count(1)
-            handle = self.fs.open(self._key, "rb", cache_type="none")
-            info = getattr(handle, "details", None)
-            if not info:
-                self._count(1)
-                info = self.fs.info(self._key)
-            return handle, info
-
-        try:
-            return _retrying(attempt, self.path)
-        except CheckpointError as exc:
-            if exc.problem.startswith("is a directory"):
-                raise IsAPrefix(exc.path, exc.problem) from None
-            if exc.problem == "no such object" and _bucket_missing(self.fs, self._key):
-                raise CheckpointError(self.path, "no such bucket") from None
-            raise
 
     # -- reads ---------------------------------------------------------------------------------
 

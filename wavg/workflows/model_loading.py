@@ -4,9 +4,10 @@ A checkpoint's config can name code: a Lambda layer carries Python bytecode, a T
 and runs an external SavedModel, any ``module``/``function`` reference can import a function
 such as ``os.system``. Keras' ``safe_mode`` has missed some of these (see the advisories in
 the README), and for legacy ``.h5`` it was ignored before Keras 3.11.3. So before Keras sees a
-file, wavg reads its config itself (``.h5``: the ``model_config`` attribute; ``.keras``:
-``config.json`` in the zip) and refuses such references unless the caller trusts the file.
-Classes from a ``--custom-objects`` module are allowed: importing it is the user's choice.
+file, wavg reads its config itself, through the reader `wavg combine` uses (``.h5``: the
+``model_config`` attribute; ``.keras`` archive or folder: ``config.json``) and refuses such
+references unless the caller trusts the file. Classes from a ``--custom-objects`` module are
+allowed: importing it is the user's choice.
 """
 
 from __future__ import annotations
@@ -14,12 +15,10 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
-import json
 import os
 import re
 import sys
 import tempfile
-import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -77,47 +76,33 @@ def is_weights_only(path: str | os.PathLike[str]) -> bool:
 
 
 def read_model_config(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The model config stored in a legacy ``.h5`` or a ``.keras`` file, as parsed JSON."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(path, "no such file" if not path.exists() else "not a file")
-    if is_weights_only(path):
-        raise CheckpointError(
-            path,
-            "is a weights-only file and holds no architecture; pass --model FILE.keras "
-            "with the model it was saved from",
-        )
+    """The model config stored in a checkpoint that keeps one (a legacy ``.h5``, a ``.keras``
+    archive or an unzipped ``.keras`` folder, locally or at a URL), as parsed JSON.
+
+    The location is recognised and read exactly as `wavg combine` reads it
+    (`formats.registry`), so every command accepts the same ones; a legacy ``.h5``'s training
+    config (what ``compile=True`` deserializes) comes with its model config, to be checked too.
+    """
+    from wavg.formats.layouts import KERAS3_WEIGHTS, KERAS_ARCHIVE, SHARDED_WEIGHTS
+    from wavg.formats.registry import open_checkpoint
+
+    ckpt = open_checkpoint(path)
     try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
-                config = json.loads(archive.read("config.json"))
-        else:
-            config = _legacy_h5_config(path)
-    except CheckpointError:
-        raise
-    except KeyError:
-        raise CheckpointError(path, "is a zip without config.json; not a .keras model") from None
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise CheckpointError(path, f"is not a readable Keras model file ({exc})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(path, "holds a model config that is not a JSON object")
-    return config
-
-
-def _legacy_h5_config(path: Path) -> dict[str, Any]:
-    # The model config says what to build; the training config names the loss, metrics and
-    # optimizer that compile=True deserializes, so both are checked.
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        model_config = f.attrs.get("model_config")
-        training_config = f.attrs.get("training_config")
-    if model_config is None:
-        raise CheckpointError(path, "holds no model config; it is not a saved Keras model")
-    config = json.loads(model_config)
-    if training_config is not None:
-        config = {"model_config": config, "training_config": json.loads(training_config)}
-    return config
+        if ckpt.layout in (KERAS3_WEIGHTS, SHARDED_WEIGHTS):
+            raise CheckpointError(
+                ckpt.path,
+                "is a weights-only file and holds no architecture; pass --model FILE.keras "
+                "with the model it was saved from",
+            )
+        config = ckpt.model_config()
+        training = ckpt.training_config()
+        if config is None and ckpt.layout is KERAS_ARCHIVE:
+            raise CheckpointError(ckpt.path, "is a zip without config.json; not a .keras model")
+        if config is None:
+            raise CheckpointError(ckpt.path, "holds no model config; it is not a saved Keras model")
+    finally:
+        ckpt.close()
+    return config if training is None else {"model_config": config, "training_config": training}
 
 
 def unsafe_references(config: Any, allowed: frozenset[str] = frozenset()) -> list[str]:

@@ -34,10 +34,17 @@ COPY_BLOCK = 1 << 20
 
 
 def is_keras_folder(path: str) -> bool:
-    """A folder Keras' loader would take for a model: it holds config.json or the weights."""
+    """A local folder Keras' loader would take for a model: it holds config.json or the
+    weights."""
     return os.path.isdir(path) and any(
         os.path.lexists(os.path.join(path, name)) for name in (CONFIG, WEIGHTS)
     )
+
+
+def holds_model_files(names: set[str]) -> bool:
+    """Whether a folder's names (a prefix's, in a bucket) make it a model for Keras' loader,
+    as `is_keras_folder` for a local one."""
+    return bool({CONFIG, WEIGHTS} & names)
 
 
 class Tree(Protocol):

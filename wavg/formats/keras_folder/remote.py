@@ -1,9 +1,9 @@
 """An unzipped ``.keras`` folder in object storage: a prefix holding config.json and
-model.weights.h5 (``s3://bucket/run/ep49/``), read as a `keras_dir.Tree`.
+model.weights.h5 (``s3://bucket/run/ep49/``), read as a `keras_folder.Tree`.
 
-The prefix is listed once; each file is then a `RemoteFile` (pinned by ETag/generation, read
-by ranges), so the weights are averaged without downloading them and the other files are
-copied from the newest folder. Object names are untrusted: a key is a free string, so one
+The prefix is listed once (by storage: `RemotePrefix`); each file is then a `RemoteFile`
+(pinned by ETag/generation, read by ranges), so the weights are averaged without downloading
+them and the other files are copied from the newest folder. Object names are untrusted: a key is a free string, so one
 whose relative name has an empty, ``.`` or ``..`` segment, a backslash or a NUL would name a
 path outside the output folder once copied, and is refused.
 """
@@ -11,44 +11,22 @@ path outside the output folder once copied, and is refused.
 from __future__ import annotations
 
 from wavg.errors import CheckpointError, UnsafeCheckpoint
-from wavg.formats.keras_folder import WEIGHTS, check_copied_size, check_file_count
-from wavg.formats.keras_folder.commit import CONFIG
+from wavg.formats.keras_folder import check_copied_size, check_file_count
 from wavg.storage.bytesource import ByteSource
-from wavg.storage.locations import is_plain_relative_path, redact
-from wavg.storage.remote import RemoteFile, _retrying, filesystem
+from wavg.storage.locations import is_plain_relative_path
+from wavg.storage.remote import RemoteFile, RemotePrefix
 
 
 class RemoteTree:
-    """The objects under a prefix, by name relative to it."""
+    """The objects under a prefix, by name relative to it (storage listed them once)."""
 
-    def __init__(self, url: str) -> None:
-        self.url = url.split("?", 1)[0].rstrip("/")
-        self.path = redact(url)
-        fs, key = filesystem(url)
-        prefix = key.rstrip("/") + "/"
-
-        def attempt() -> dict:
-            fs.invalidate_cache(key)
-            try:
-                return fs.find(prefix, detail=True)
-            except FileNotFoundError:
-                return {}
-
-        self.files: list[str] = []
-        for name, info in sorted(_retrying(attempt, self.path).items()):
-            if not name.startswith(prefix) or info.get("type") == "directory":
-                continue
-            relative = name[len(prefix) :]
-            if relative and not relative.endswith("/"):  # not a console's "folder" marker
-                self.files.append(relative)
-            check_file_count(len(self.files), self.path)
-
-    def is_model_folder(self) -> bool:
-        """Whether Keras' loader would take the folder for a model (as `is_keras_folder`)."""
-        return bool({CONFIG, WEIGHTS} & self.names())
+    def __init__(self, prefix: RemotePrefix) -> None:
+        self.url, self.path, self.files = prefix.url, prefix.path, prefix.files
+        self.prefix = prefix
+        check_file_count(len(self.files), self.path)
 
     def names(self) -> set[str]:
-        return {relative.split("/", 1)[0] for relative in self.files}
+        return self.prefix.names()
 
     def walk(self, names: set[str]) -> tuple[list[str], list[str]]:
         files = [r for r in self.files if r.split("/", 1)[0] in names]

@@ -48,24 +48,13 @@ def is_root(path: str | os.PathLike[str]) -> bool:
     )
 
 
-def expand_inputs(paths: list[str]) -> tuple[list[str], list[str]]:
-    """Replace every Orbax root in `paths` by its committed steps, oldest first.
-
-    Returns the paths and one warning per step skipped as unfinished. A root with fewer than
-    two committed steps is refused: there is nothing to average, and the usual cause is
-    OrbaxCheckpoint's default ``max_to_keep=1``. Other paths pass through untouched.
-    """
-    expanded: list[str] = []
-    warnings: list[str] = []
-    for path in paths:
-        if not is_root(path):
-            expanded.append(path)
-            continue
-        steps, skipped = committed_steps(Path(path))
-        warnings.extend(skipped)
-        check_enough(path, [step.name for step in steps])
-        expanded.extend(os.fspath(step) for step in steps)
-    return expanded, warnings
+def expand_root(root: str) -> tuple[list[str], list[str]]:
+    """The committed steps of the root `root`, oldest first, and one warning per step
+    skipped as unfinished. A root with fewer than two committed steps is refused (see
+    `check_enough`)."""
+    steps, skipped = committed_steps(Path(root))
+    check_enough(root, [step.name for step in steps])
+    return [os.fspath(step) for step in steps], skipped
 
 
 def check_enough(root: str, steps: list[str]) -> None:
