@@ -1,0 +1,5 @@
+"""What the tests share besides fixtures: the numpy oracle, Keras-made checkpoints, servers.
+
+Imported as ``from support.x import ...`` (pyproject puts tests/ on pytest's ``pythonpath``);
+fixtures stay in tests/conftest.py, which imports from here, never the other way round.
+"""
