@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support.keras_runs import BUILDERS, FORMATS, Run, inputs_for, save_checkpoint
+from support.keras_runs import BUILDERS, FORMATS, MULTI_FILE, Run, save_checkpoint, train_run
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -31,21 +31,20 @@ def runs(tmp_path_factory, keras_module) -> dict[str, Run]:
     keras.utils.set_random_seed(7)
     rng = np.random.default_rng(7)
     out: dict[str, Run] = {}
-    for name, build in BUILDERS.items():
-        directory = tmp_path_factory.mktemp(name)
-        model = build(keras)
-        # Named: Keras numbers unnamed optimizers per process ("adam_1", ...), and the tests
-        # look for this one's state by name whatever ran before them.
-        model.compile(optimizer=keras.optimizers.Adam(name="adam"), loss="categorical_crossentropy")
-        x = inputs_for(name, rng)
-        y = keras.utils.to_categorical(rng.integers(0, 3, len(x)), 3)
-        run = Run(name, model, x=x)
+    for name in BUILDERS:
         formats = ("keras", "weights.h5") if name == "subclassed" else FORMATS
-        for epoch in range(3):
-            model.fit(x, y, epochs=2, batch_size=4, verbose=0)
-            save_checkpoint(run, directory / f"{name}_{epoch}", formats)
-        out[name] = run
+        out[name] = train_run(keras, name, tmp_path_factory.mktemp(name), rng, formats)
     return out
+
+
+@pytest.fixture(scope="session")
+def multi_file_run(tmp_path_factory, keras_module) -> Run:
+    """The conv_bn family trained as in `runs`, saved as sharded weights (a few ~1 kB shards
+    per checkpoint) and as unzipped ``.keras`` folders: small multi-file checkpoints."""
+    keras = keras_module
+    keras.utils.set_random_seed(11)
+    rng = np.random.default_rng(11)
+    return train_run(keras, "conv_bn", tmp_path_factory.mktemp("multi_file"), rng, MULTI_FILE)
 
 
 @pytest.fixture(scope="session")
@@ -118,6 +117,14 @@ def multi(tmp_path_factory, keras_module):
     from support import multifile as hm
 
     return hm.multi_run(tmp_path_factory.mktemp("multi"))
+
+
+@pytest.fixture(scope="session")
+def orbax_roots(tmp_path_factory) -> Path:
+    """``<backend>/<kind>``: OrbaxCheckpoint roots written by Keras (see support.orbax_runs)."""
+    from support import orbax_runs
+
+    return orbax_runs.train_roots(tmp_path_factory.mktemp("orbax"))
 
 
 @pytest.fixture(scope="module")

@@ -8,17 +8,14 @@ of the arrays read with TensorStore.
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import IO
 
 import ml_dtypes
 import numpy as np
@@ -26,76 +23,25 @@ import pytest
 import tensorstore as ts
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from support.kerasfiles import assert_one_line_error, run_wavg, scratch_dir
+from support.kerasfiles import assert_one_line_error, run_wavg
+from support.orbax_runs import KINDS, array_names, keras_jobs, read_array, store_spec
 
 from wavg.errors import UnsafeCheckpoint
 from wavg.formats.orbax.step import _parse_location, box_at, chunk_boxes
 
-JOB = Path(__file__).resolve().parents[1] / "support" / "orbax_keras_job.py"
-REPO = JOB.parents[2]
-KINDS = {"jax": ("functional", "sequential", "bf16"), "tensorflow": ("functional", "sequential")}
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow
 
 
-def _jobs(*jobs: tuple[str, ...]) -> None:
-    """Run ``orbax_keras_job.py`` once per ``(backend, *args)``, all at once."""
-    with contextlib.ExitStack() as stack:
-        # Logs go to files: a pipe could fill up and block a job while another is awaited.
-        logs = [stack.enter_context(tempfile.TemporaryFile()) for _ in jobs]
-        running = [_start(log, *job) for log, job in zip(logs, jobs, strict=True)]
-        for process, log in zip(running, logs, strict=True):
-            process.wait(timeout=600)
-            log.seek(0)
-            assert process.returncode == 0, log.read()[-3000:].decode(errors="replace")
-
-
-def _start(log: IO[bytes], backend: str, *args: str) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        "KERAS_BACKEND": backend,
-        "JAX_PLATFORMS": "cpu",
-        "CUDA_VISIBLE_DEVICES": "",
-        "TF_CPP_MIN_LOG_LEVEL": "3",
-        "PYTHONPATH": str(REPO),
-    }
-    return subprocess.Popen(
-        [sys.executable, str(JOB), *args],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=log,
-    )
-
-
 @pytest.fixture(scope="module")
-def runs() -> Path:
+def runs(orbax_roots) -> Path:
     """``<backend>/<kind>``: OrbaxCheckpoint roots of 4 epochs (steps 0-3), every step kept."""
-    base = scratch_dir("wavg-orbax-")
-    _jobs(*((backend, "train", str(base / backend)) for backend in KINDS))
-    return base
-
-
-def _store_spec(step: Path, name: str) -> dict:
-    base = {"driver": "file", "path": f"{step}/pytree/"}
-    return {"driver": "zarr3", "kvstore": {"driver": "ocdbt", "base": base, "path": f"{name}/"}}
-
-
-def _array(step: Path, name: str) -> np.ndarray:
-    spec = _store_spec(step, name)
-    return ts.open(spec).result().read().result()
-
-
-def _names(step: Path) -> list[str]:
-    tree = json.loads((step / "pytree" / "_METADATA").read_text())["tree_metadata"]
-    return [
-        ".".join(k["key"] for k in v["key_metadata"])
-        for v in tree.values()
-        if not v["value_metadata"].get("skip_deserialize")  # an empty container
-    ]
+    return orbax_roots
 
 
 def _expected_mean(steps: list[Path], name: str) -> np.ndarray:
-    arrays = [_array(step, name) for step in steps]
+    arrays = [read_array(step, name) for step in steps]
     return np.mean([a.astype(np.float64) for a in arrays], axis=0).astype(arrays[0].dtype)
 
 
@@ -110,7 +56,7 @@ def test_averaged_roots_load_in_keras_on_both_backends_with_the_float64_mean(run
             assert code == 0, stderr
             assert "orbax" in stdout
             outs[(backend, kind)] = out
-    _jobs(
+    keras_jobs(
         *(
             (
                 loader,
@@ -123,7 +69,9 @@ def test_averaged_roots_load_in_keras_on_both_backends_with_the_float64_mean(run
     for (backend, kind), out in outs.items():
         steps = [runs / backend / kind / str(i) for i in (1, 2, 3)]
         assert [p.name for p in out.iterdir()] == ["3"]
-        averaged = [n for n in _names(steps[-1]) if n.split(".")[0].endswith("trainable_variables")]
+        averaged = [
+            n for n in array_names(steps[-1]) if n.split(".")[0].endswith("trainable_variables")
+        ]
         assert averaged
         for loader in KINDS:
             loaded = np.load(tmp_path / f"{loader}-{backend}-{kind}.npz")
@@ -134,8 +82,8 @@ def test_averaged_roots_load_in_keras_on_both_backends_with_the_float64_mean(run
                 np.testing.assert_array_equal(loaded[name], mean.astype(np.float32), name)
                 # Arrays that moved during training (bfloat16 biases do not) move away from
                 # the newest: Keras would leave an unmatched variable as initialised.
-                newest = _array(steps[-1], name)
-                if not all(np.array_equal(_array(s, name), newest) for s in steps):
+                newest = read_array(steps[-1], name)
+                if not all(np.array_equal(read_array(s, name), newest) for s in steps):
                     assert not np.array_equal(mean, newest), name
 
 
@@ -144,22 +92,24 @@ def test_optimizer_state_and_metrics_come_from_the_newest_step(runs, tmp_path):
         newest = runs / backend / "functional" / "3"
         out = tmp_path / backend
         assert run_wavg("combine", newest.parent, "--last", "3", "-o", out)[0] == 0
-        copied = [n for n in _names(newest) if not n.split(".")[0].endswith("trainable_variables")]
+        copied = [
+            n for n in array_names(newest) if not n.split(".")[0].endswith("trainable_variables")
+        ]
         assert "optimizer_variables.adam.iteration" in copied
         for name in copied:
-            mine, theirs = _array(out / "3", name), _array(newest, name)
+            mine, theirs = read_array(out / "3", name), read_array(newest, name)
             assert mine.dtype == theirs.dtype and np.array_equal(mine, theirs), name
-        assert _array(out / "3", "optimizer_variables.adam.iteration") == 16  # 4 epochs x 4
+        assert read_array(out / "3", "optimizer_variables.adam.iteration") == 16  # 4 epochs x 4
 
 
 def test_drop_optimizer_leaves_the_optimizer_out_of_arrays_and_metadata(runs, tmp_path):
     root = runs / "jax" / "functional"
     out = tmp_path / "out"
     assert run_wavg("combine", root, "--drop-optimizer", "-o", out)[0] == 0
-    names = _names(out / "3")
+    names = array_names(out / "3")
     assert names and not [n for n in names if n.startswith("optimizer_variables")]
-    assert len(names) == len([n for n in _names(root / "3") if "optimizer" not in n])
-    kv = ts.KvStore.open(_store_spec(out / "3", "x")["kvstore"] | {"path": ""}).result()
+    assert len(names) == len([n for n in array_names(root / "3") if "optimizer" not in n])
+    kv = ts.KvStore.open(store_spec(out / "3", "x")["kvstore"] | {"path": ""}).result()
     assert not [k for k in kv.list().result() if k.startswith(b"optimizer_variables")]
     pytree = out / "3" / "pytree"
     sharding = json.loads((pytree / "_sharding").read_text())
@@ -201,7 +151,7 @@ def test_step_directories_can_be_given_one_by_one(runs, tmp_path):
     assert [i["epoch"] for i in json.loads(stdout)["inputs"]] == [1, 3]
     name = "trainable_variables.seq.d1.kernel"
     np.testing.assert_array_equal(
-        _array(tmp_path / "out" / "3", name), _expected_mean([root / "1", root / "3"], name)
+        read_array(tmp_path / "out" / "3", name), _expected_mean([root / "1", root / "3"], name)
     )
 
 
@@ -212,7 +162,9 @@ def test_paths_with_percent_signs_spaces_and_hashes_are_taken_literally(runs, tm
     assert code == 0, stderr
     name = "trainable_variables.d1.kernel"
     steps = [folder / "root" / str(i) for i in range(4)]
-    np.testing.assert_array_equal(_array(folder / "out" / "3", name), _expected_mean(steps, name))
+    np.testing.assert_array_equal(
+        read_array(folder / "out" / "3", name), _expected_mean(steps, name)
+    )
 
 
 def _damaged(runs: Path, tmp_path: Path) -> Path:
@@ -230,7 +182,7 @@ def _refused(root: Path, tmp_path: Path, *words: str) -> None:
 
 def _rewrite(step: Path, name: str, data: np.ndarray) -> None:
     """Replace an array of a step with `data` (another shape or dtype), as TensorStore would."""
-    spec = _store_spec(step, name)
+    spec = store_spec(step, name)
     store = ts.open(spec, create=True, delete_existing=True, dtype=data.dtype, shape=data.shape)
     store.result().write(data).result()
 
@@ -255,7 +207,7 @@ def test_an_array_declaring_far_more_than_the_step_stores_is_refused(runs, tmp_p
     metadata = {"shape": shape, "data_type": "float32"}
     metadata["chunk_grid"] = {"name": "regular", "configuration": {"chunk_shape": shape}}
     ts.open(
-        {**_store_spec(root / "3", name), "metadata": metadata}, create=True, delete_existing=True
+        {**store_spec(root / "3", name), "metadata": metadata}, create=True, delete_existing=True
     ).result()
     _refused(root, tmp_path, str(root / "3"), "decompression bomb")
 
@@ -352,7 +304,7 @@ def test_arrays_stored_in_several_chunks_are_averaged_chunk_by_chunk(runs, tmp_p
     rng = np.random.default_rng(3)
     for step in root.iterdir():
         spec = {
-            **_store_spec(step, name),
+            **store_spec(step, name),
             "metadata": {
                 "shape": [4, 8],
                 "data_type": "float32",
@@ -364,12 +316,12 @@ def test_arrays_stored_in_several_chunks_are_averaged_chunk_by_chunk(runs, tmp_p
     out = tmp_path / "out"
     assert run_wavg("combine", root, "--last", "3", "-o", out)[0] == 0
     steps = [root / str(i) for i in (1, 2, 3)]
-    np.testing.assert_array_equal(_array(out / "3", name), _expected_mean(steps, name))
+    np.testing.assert_array_equal(read_array(out / "3", name), _expected_mean(steps, name))
     assert _chunks(out / "3", name) == _chunks(steps[-1], name) == (3, 3)
 
 
 def _chunks(step: Path, name: str) -> tuple[int, ...]:
-    spec = _store_spec(step, name)
+    spec = store_spec(step, name)
     return tuple(ts.open(spec).result().chunk_layout.read_chunk.shape)
 
 
@@ -443,10 +395,10 @@ def test_chunks_larger_than_a_block_are_averaged_alone_with_weights_in_float64(r
     plan = plan_combine([str(s) for s in steps], scheme="linear")
     summary = run_plan(plan, tmp_path / "out", block_items=4)
     assert summary.tensors > 0
-    for name in _names(steps[-1]):
+    for name in array_names(steps[-1]):
         if not name.split(".")[0].endswith("trainable_variables"):
             continue
-        arrays = [_array(step, name) for step in steps]
+        arrays = [read_array(step, name) for step in steps]
         stacked = np.stack([a.astype(np.float64) for a in arrays])
         expected = np.average(stacked, axis=0, weights=plan.raw_weights).astype(arrays[0].dtype)
-        np.testing.assert_array_equal(_array(tmp_path / "out" / "3", name), expected, name)
+        np.testing.assert_array_equal(read_array(tmp_path / "out" / "3", name), expected, name)

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support.kerasfiles import assert_one_line_error, run_wavg, scratch_dir
+from support.kerasfiles import assert_one_line_error, run_wavg
+from support.orbax_runs import array_names, read_array
 from support.remote import BUCKET, SECRET, unused_endpoint
-from test_orbax import _array, _jobs, _names
 
 from wavg.storage import remote
 
@@ -27,11 +27,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def local_roots() -> Path:
+def local_roots(orbax_roots) -> Path:
     """``jax/<kind>``: OrbaxCheckpoint roots of 4 epochs written by Keras on JAX."""
-    base = scratch_dir("wavg-orbax-remote-")
-    _jobs(("jax", "train", str(base / "jax")))
-    return base / "jax"
+    return orbax_roots / "jax"
 
 
 @pytest.fixture
@@ -80,10 +78,10 @@ def assert_same_step(got: Path, want: Path) -> None:
     for name, data in _metadata_files(want).items():
         if not name.endswith("manifest.ocdbt"):  # (it holds the new store's identity)
             assert _metadata_files(got)[name] == data, name
-    names = _names(want)
-    assert _names(got) == names and names
+    names = array_names(want)
+    assert array_names(got) == names and names
     for name in names:
-        mine, theirs = _array(got, name), _array(want, name)
+        mine, theirs = read_array(got, name), read_array(want, name)
         assert mine.dtype == theirs.dtype and np.array_equal(mine, theirs), name
 
 
@@ -103,8 +101,8 @@ def test_a_root_in_a_bucket_averages_to_the_arrays_the_same_root_on_disk_gives(
     assert [p.name for p in (tmp_path / "remote").iterdir()] == ["3"]
     assert_same_step(tmp_path / "remote" / "3", tmp_path / "local" / "3")
     assert not np.array_equal(
-        _array(tmp_path / "remote" / "3", "trainable_variables.d1.kernel"),
-        _array(root / "3", "trainable_variables.d1.kernel"),
+        read_array(tmp_path / "remote" / "3", "trainable_variables.d1.kernel"),
+        read_array(root / "3", "trainable_variables.d1.kernel"),
     )
 
 
@@ -117,7 +115,7 @@ def test_step_urls_can_be_given_one_by_one_and_with_drop_optimizer(s3, local_roo
     local = tmp_path / "local"
     assert run_wavg("combine", root / "3", root / "0", "--drop-optimizer", "-o", local)[0] == 0
     assert_same_step(out / "3", local / "3")
-    assert not [n for n in _names(out / "3") if n.startswith("optimizer_variables")]
+    assert not [n for n in array_names(out / "3") if n.startswith("optimizer_variables")]
 
 
 def test_unfinished_steps_in_a_bucket_are_skipped_and_reported(s3, local_roots, tmp_path):

@@ -13,6 +13,10 @@ from pathlib import Path
 import numpy as np
 
 FORMATS = ("h5", "keras", "weights.h5")
+# Checkpoints of several files: sharded weights (``.weights.json`` and its shards) and an
+# unzipped ``.keras`` folder (``model.save(dir, zipped=False)``).
+MULTI_FILE = ("weights.json", "folder")
+SHARD_GB = 2e-6  # Keras' max_shard_size: ~2 kB shards (the largest tensor is 1.7 kB), a few each
 
 
 @dataclass
@@ -89,10 +93,33 @@ def inputs_for(name: str, rng: np.random.Generator) -> np.ndarray:
 BUILDERS = {"mlp": _mlp, "conv_bn": _conv_bn, "lstm": _lstm, "subclassed": _subclassed}
 
 
+def train_run(keras, name: str, directory: Path, rng, formats: tuple[str, ...]) -> Run:
+    """Train the family `name` for two epochs between saves, three times; save each in `formats`."""
+    model = BUILDERS[name](keras)
+    # Named: Keras numbers unnamed optimizers per process ("adam_1", ...), and the tests
+    # look for this one's state by name whatever ran before them.
+    model.compile(optimizer=keras.optimizers.Adam(name="adam"), loss="categorical_crossentropy")
+    x = inputs_for(name, rng)
+    y = keras.utils.to_categorical(rng.integers(0, 3, len(x)), 3)
+    run = Run(name, model, x=x)
+    for epoch in range(3):
+        model.fit(x, y, epochs=2, batch_size=4, verbose=0)
+        save_checkpoint(run, directory / f"{name}_{epoch}", formats)
+    return run
+
+
 def save_checkpoint(run: Run, stem: Path, formats: tuple[str, ...]) -> None:
-    """Save `run.model` as `stem.<fmt>` in each format and record its weights."""
+    """Save `run.model` as `stem.<fmt>` in each format (a folder is `stem` itself) and record
+    its weights."""
     for fmt in formats:
-        path = stem.with_name(f"{stem.name}.{fmt}")
-        run.model.save_weights(path) if fmt == "weights.h5" else run.model.save(path)
+        path = stem if fmt == "folder" else stem.with_name(f"{stem.name}.{fmt}")
+        if fmt == "weights.h5":
+            run.model.save_weights(path)
+        elif fmt == "weights.json":
+            run.model.save_weights(path, max_shard_size=SHARD_GB)
+        elif fmt == "folder":
+            run.model.save(path, zipped=False)
+        else:
+            run.model.save(path)
         run.files.setdefault(fmt, []).append(path)
     run.weights.append([np.array(w) for w in run.model.get_weights()])
