@@ -198,9 +198,10 @@ def _alive(pid: int) -> bool:
 
 # A run of `wavg combine` that dies (as with kill -9: no clean-up, no handlers) just before its
 # N-th step that changes the output's folder: a rename, link, unlink, fsync, folder swap...
+# taken through the `os` of each module named in argv[2] (comma-separated).
 STEP_DRIVER = """
-import os, sys
-import wavg, wavg.storage.atomic, wavg.formats.commit.local
+import importlib, os, sys
+import wavg, wavg.formats.commit.local
 
 step, count = int(sys.argv[1]), [0]
 
@@ -218,18 +219,23 @@ class DyingOs:
         steps = ("replace", "link", "unlink", "rename", "fsync", "mkdir", "write")
         return dying(found) if name in steps else found
 
-wavg.formats.commit.local.os = wavg.storage.atomic.os = DyingOs()
+for module in sys.argv[2].split(","):
+    importlib.import_module(module).os = DyingOs()
 if os.environ.get("WAVG_TEST_NO_EXCHANGE"):  # a file system that cannot swap two folders
     wavg.formats.commit.local._exchange = lambda a, b: False
 wavg.formats.commit.local._exchange = dying(wavg.formats.commit.local._exchange)
-wavg.combine(sys.argv[3:], sys.argv[2])
+wavg.combine(sys.argv[4:], sys.argv[3])
 print(count[0])
 """
+# The modules whose file-system steps commit a file, a sharded output or a model folder.
+COMMIT_MODULES = ("wavg.storage.atomic", "wavg.formats.commit.local")
 
 
-def run_dying_at(step: int, inputs, out: Path, env=None) -> subprocess.CompletedProcess:
+def run_dying_at(
+    step: int, inputs, out: Path, env=None, modules: tuple[str, ...] = COMMIT_MODULES
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [hs.WAVG[0], "-c", STEP_DRIVER, str(step), str(out), *map(str, inputs)],
+        [hs.WAVG[0], "-c", STEP_DRIVER, str(step), ",".join(modules), str(out), *map(str, inputs)],
         capture_output=True,
         text=True,
         cwd=hs.ROOT,
