@@ -111,6 +111,14 @@ class FormatContract:
             assert got[name].dtype == value.dtype and got[name].shape == value.shape, name
             assert got[name].tobytes() == value.tobytes(), name
 
+    def assert_same_output(self, got: Path, want: Path) -> None:
+        """`got` holds `want`'s arrays, and its bytes where the format writes the same twice."""
+        self.assert_arrays(got, self.arrays(want))
+        if self.same_bytes:
+            assert [p.read_bytes() for p in self.files(got)] == [
+                p.read_bytes() for p in self.files(want)
+            ]
+
     def state(self, out: Path) -> dict[str, str] | None:
         """sha256 of each file of the output at `out`, by path relative to its folder (None:
         there is none)."""
@@ -207,11 +215,7 @@ class FormatContract:
         remote.parent.mkdir()
         wavg.combine(inputs, local)
         wavg.combine(urls, remote, order="given")
-        self.assert_arrays(remote, self.arrays(local))
-        if self.same_bytes:
-            assert [p.read_bytes() for p in self.files(remote)] == [
-                p.read_bytes() for p in self.files(local)
-            ]
+        self.assert_same_output(remote, local)
 
     def test_an_output_in_a_bucket_holds_the_local_result(self, inputs, s3, tmp_path):
         client = self.s3_client(s3)
@@ -231,8 +235,4 @@ class FormatContract:
             target = downloaded / key.removeprefix(f"{prefix}/")
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(get(client, key))
-        self.assert_arrays(downloaded / self.output_name, self.arrays(local))
-        if self.same_bytes:
-            assert [p.read_bytes() for p in self.files(downloaded / self.output_name)] == [
-                p.read_bytes() for p in self.files(local)
-            ]
+        self.assert_same_output(downloaded / self.output_name, local)
