@@ -49,6 +49,18 @@ def short_run(seed: int = 1, epochs: int = 12, keep: int = 4, fmt: str = "h5") -
     return tuple(train_save(out, epochs=epochs, keep=keep, seed=seed, fmt=fmt).files)
 
 
+@functools.cache
+def digits_run() -> tuple:
+    """Three epochs of the built-in Conv+BN digits model at a high learning rate."""
+    from wavg.workflows.train import train_save
+
+    out = scratch_dir("wavg-digits-")
+    result = train_save(
+        out, data="digits", epochs=3, keep=3, seed=1, optimizer="sgd", learning_rate=0.05
+    )
+    return tuple(result.files)
+
+
 def tiny_model(keras: Any, features: int = 2, outputs: int = 3) -> Any:
     """A small compiled classifier for callback tests (not the case-study model)."""
     net = keras.Sequential(

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from support.kerasfiles import assert_one_line_error, run_wavg, short_run
-from test_soup import digits_run
+from support.kerasfiles import assert_one_line_error, digits_run, run_wavg, short_run
 
 import wavg
 from wavg.workflows.bn_update import bn_update

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import random
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from support.kerasfiles import assert_one_line_error, run_wavg, scratch_dir, short_run
+from support.kerasfiles import assert_one_line_error, digits_run, run_wavg, short_run
 
 import wavg
 from wavg.workflows.bn_update import bn_update
@@ -20,18 +19,6 @@ from wavg.workflows.model_loading import import_keras
 from wavg.workflows.soup import SCHEMA, greedy, rank, soup
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
-
-@functools.cache
-def digits_run() -> tuple:
-    """Three epochs of the built-in Conv+BN digits model at a high learning rate."""
-    from wavg.workflows.train import train_save
-
-    out = scratch_dir("wavg-digits-")
-    result = train_save(
-        out, data="digits", epochs=3, keep=3, seed=1, optimizer="sgd", learning_rate=0.05
-    )
-    return tuple(result.files)
 
 
 def _sha(path) -> str:
