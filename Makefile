@@ -24,6 +24,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check wavg tests bench scripts
 	$(BIN)/ruff format --check wavg tests bench scripts
+	$(BIN)/lint-imports --no-cache
 
 demo: $(STAMP)
 	bash scripts/demo.sh $(DEMO_DIR)

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import checkpoints
+import executable
 import measure
 from workloads import SUFFIXES, full_cells
 
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     outputs = args.out / "outputs"
     outputs.mkdir(parents=True, exist_ok=True)
     for wavg in (args.a, args.b):
-        measure.compile_bytecode(Path(wavg))
+        executable.compile_bytecode(Path(wavg))
     print(
         "| cell | read s | read+write s | A s | B s | A / read | B / read | A / r+w | B / r+w "
         "| A CPU s | B CPU s | A RSS MB | B RSS MB |"

@@ -145,24 +145,6 @@ def run_best(
     return Run(best.wall_s, max(r.peak_rss for r in runs), 0)
 
 
-def compile_bytecode(wavg: Path) -> None:
-    """Compile the measured wavg's modules to bytecode, as installing its wheel does.
-
-    An editable install has none, and with ``PYTHONDONTWRITEBYTECODE`` set (as on the
-    machines these numbers come from) every run compiled wavg's sources again: ~29 ms per
-    run, a sixth of averaging a small model, that no installed copy pays. The .pyc files go
-    to ``__pycache__`` (git-ignored) beside the sources.
-    """
-    python = Path(wavg.read_text().splitlines()[0].removeprefix("#!").strip())
-    code = (
-        "import compileall, os, sys, wavg; "
-        "sys.exit(not compileall.compile_dir(os.path.dirname(wavg.__file__), quiet=1))"
-    )
-    done = subprocess.run([str(python), "-c", code], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"bench: compiling {wavg}'s modules failed: {done.stderr[-500:]}")
-
-
 def warm_cache(paths: Sequence[Path]) -> int:
     """Read every file once so timings see a warm page cache; returns bytes read."""
     total = 0

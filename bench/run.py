@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import checkpoints
+import executable
 import measure
 import orbax_rss
 import plots
@@ -59,19 +60,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="wavg executable to measure (default: this venv's; compare builds)",
     )
     return parser.parse_args(argv)
-
-
-def find_wavg(given: Path | None = None) -> Path:
-    """`given`, else the wavg console script of the interpreter running the harness."""
-    beside = Path(sys.executable).parent / "wavg"
-    found = given or (beside if beside.exists() else shutil.which("wavg"))
-    if not found:
-        sys.exit("bench: no wavg executable next to this Python; run `make install` first")
-    probe = measure.run_once([str(found), "combine", "--help"], 60.0)
-    if not probe.ok:
-        sys.exit(f"bench: `wavg combine --help` failed:\n{probe.stderr_tail}")
-    measure.compile_bytecode(Path(found))
-    return Path(found)
 
 
 def sample_inputs() -> list[Path] | None:
@@ -169,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     partial = args.quick or bool(selectors)
     results_dir = args.results or (args.out / "results" if partial else BENCH_DIR / "results")
     ctx = runner.Context(
-        wavg=find_wavg(args.wavg), out_dir=args.out, budget_s=2.0 if args.quick else 12.0
+        wavg=executable.find_wavg(args.wavg), out_dir=args.out, budget_s=2.0 if args.quick else 12.0
     )
     notes = ["quick mode: small sizes only"] if args.quick else []
     if not measure.rss_is_exact():

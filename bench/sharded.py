@@ -21,6 +21,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import executable
 import measure
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -218,9 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.generate:
         _write_checkpoints(json.loads(args.generate))
         return 0
-    import run as harness
-
-    wavg = harness.find_wavg()
+    wavg = executable.find_wavg()
     results = args.results or args.out / "results"
     print(run(wavg, args.out, results, args.quick, 2.0 if args.quick else 12.0, args.keep))
     return 0

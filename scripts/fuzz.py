@@ -20,7 +20,7 @@ Usage::
     .venv/bin/python scripts/fuzz.py --cases 20000 [--jobs 2] [--seed 1] [--timeout 30]
     .venv/bin/python scripts/fuzz.py --replay SEED:INDEX   # rerun one case, in this process
 
-``tests/test_fuzz.py`` runs the same mutations with hypothesis (a short run in make test).
+``tests/formats/test_fuzz.py`` runs the same mutations with hypothesis (a short run in make test).
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ INTERESTING = [b"\xff" * 8, b"\x00" * 8, b"\x7f\xff\xff\xff", b"\x80\x00\x00\x00
 def make_seeds(directory: Path, keras_dir: Path | None = None, h5_dir: Path | None = None) -> Path:
     """Two consecutive checkpoints per format in `directory`.
 
-    `keras_dir` holds fixtures made by ``tests/helpers_safety.py`` (made here, with Keras in
+    `keras_dir` holds fixtures made by ``tests/support/safety.py`` (made here, with Keras in
     a subprocess, when not given); `h5_dir` holds model_498.h5 and model_499.h5 (default
     sample_checkpoints).
     """
@@ -82,7 +82,7 @@ def make_seeds(directory: Path, keras_dir: Path | None = None, h5_dir: Path | No
     if keras_dir is None:
         keras_dir = directory / "keras_fixtures"
         proc = subprocess.run(
-            [sys.executable, str(ROOT / "tests" / "helpers_safety.py"), str(keras_dir)],
+            [sys.executable, str(ROOT / "tests" / "support" / "safety.py"), str(keras_dir)],
             capture_output=True,
             text=True,
             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
