@@ -27,11 +27,10 @@ from wavg.formats.base import Checkpoint, Tensor, Writer
 from wavg.formats.hdf5.reader import Hdf5Checkpoint
 from wavg.formats.hdf5.skeleton import as_bytes, lay_out_output
 from wavg.formats.hdf5.walk import open_h5
-from wavg.formats.layouts import KERAS_ARCHIVE
+from wavg.formats.layouts import CONFIG, KERAS_ARCHIVE, WEIGHTS
 from wavg.storage.bytesource import ByteSource
 from wavg.storage.local import Window as _Window
 
-WEIGHTS = "model.weights.h5"
 # Members other than the weights are read whole; a zip bomb must not get that far.
 MAX_SMALL_MEMBER = 256 << 20
 MAX_RATIO = 200
@@ -134,10 +133,10 @@ class KerasCheckpoint(Hdf5Checkpoint):
                 raise CheckpointError(self.path, f"damaged archive member {name} ({exc})") from None
 
     def model_config(self) -> dict | None:
-        if "config.json" not in self.members:
+        if CONFIG not in self.members:
             return None
         try:
-            config = json.loads(self.read_member("config.json"))
+            config = json.loads(self.read_member(CONFIG))
         except (CheckpointError, ValueError, RecursionError):
             return None
         return config if isinstance(config, dict) else None

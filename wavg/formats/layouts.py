@@ -1,5 +1,8 @@
 """Where each Keras format keeps its model weights and its optimizer state.
 
+A ``.keras`` model, zipped or unzipped, holds its config in `CONFIG` and its weights in
+`WEIGHTS`: the two names are spelled here only.
+
 A layout is recognised from the HDF5 tree of the weights file; it decides which float
 tensors are averaged (model weights) and which are copied from the newest file (optimizer
 state), and which output suffixes Keras will load back.
@@ -10,6 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import h5py
+
+CONFIG = "config.json"  # in a .keras archive or folder: the model's architecture
+WEIGHTS = "model.weights.h5"  # beside it: the weights file (HDF5)
 
 
 @dataclass(frozen=True)

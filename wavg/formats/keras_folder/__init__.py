@@ -21,12 +21,11 @@ from typing import Protocol
 from wavg.errors import CheckpointError, UnsafeCheckpoint, UsageError
 from wavg.formats.base import Writer
 from wavg.formats.composite import CompositeCheckpoint, PartsWriter
-from wavg.formats.keras_folder.commit import CONFIG, check_model_folder, folder_output
-from wavg.formats.layouts import KERAS3_WEIGHTS, KERAS_FOLDER
+from wavg.formats.keras_folder.commit import check_model_folder, folder_output
+from wavg.formats.layouts import CONFIG, KERAS3_WEIGHTS, KERAS_FOLDER, WEIGHTS
 from wavg.storage.bytesource import ByteSource
 from wavg.storage.local import InputFile
 
-WEIGHTS = "model.weights.h5"
 # Files other than the weights are copied whole; as in archives, none may be huge.
 MAX_COPIED_BYTES = 256 << 20
 MAX_COPIED_FILES = 10_000

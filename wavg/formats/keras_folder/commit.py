@@ -14,9 +14,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from wavg.errors import OutputError
+from wavg.formats.layouts import CONFIG
 from wavg.storage.target import target_for
-
-CONFIG = "config.json"
 
 
 def check_model_folder(out: Path) -> None:
