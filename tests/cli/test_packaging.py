@@ -65,7 +65,7 @@ def core_venv(tmp_path_factory) -> Path:
     python = venv / "bin" / "python"
     installed = _run(
         sys.executable, "-m", "pip", "--python", python, "install", "--quiet",
-        "--disable-pip-version-check", wheel,
+        "--disable-pip-version-check", wheel, env=_user_env(tmp),
     )  # fmt: skip
     assert installed.returncode == 0, installed.stderr[-3000:]
     return venv / "bin"
@@ -83,13 +83,19 @@ def test_the_core_install_holds_no_deep_learning_framework(core_venv, tmp_path):
     done = _run(core_venv / "python", "-c", script, env=_user_env(tmp_path), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
-    done = _run(core_venv / "python", "-c", "import wavg; print(wavg.__file__)", cwd=tmp_path)
+    done = _run(
+        core_venv / "python", "-c", "import wavg; print(wavg.__file__)",
+        env=_user_env(tmp_path), cwd=tmp_path,
+    )  # fmt: skip
     assert "site-packages" in done.stdout, "the venv must run the installed wheel"
 
 
 def test_the_installed_wheel_combines_the_sample_checkpoints(core_venv, tmp_path):
     out = tmp_path / "avg.h5"
-    done = _run(core_venv / "wavg", "combine", *SAMPLES, "-o", out, "--json", cwd=tmp_path)
+    done = _run(
+        core_venv / "wavg", "combine", *SAMPLES, "-o", out, "--json",
+        env=_user_env(tmp_path), cwd=tmp_path,
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     assert summary["format"] == "h5" and len(summary["inputs"]) == len(SAMPLES)
