@@ -1,6 +1,6 @@
 """Sharded Keras weights: ``m.weights.json`` naming ``m_00000.weights.h5``, ... beside it.
 
-The index is checked name by name (`shard_index`), every shard is opened once as an HDF5
+The index is checked name by name (`sharded.index`), every shard is opened once as an HDF5
 checkpoint, and index and shards must agree exactly: each tensor in one shard only, in a
 group the index lists for that shard, and each listed group present there. The output is
 sharded like this checkpoint and committed through its index (`sharded.commit`). Nothing
