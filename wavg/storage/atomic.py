@@ -21,10 +21,18 @@ from wavg._runtime import signals_held
 from wavg.errors import OutputError
 
 TMP_MARKER = ".wavg-tmp-"
+# Open flags that create a file only where none exists (never follow or reuse one).
+CREATE_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 
 
 def temp_prefix(out: Path) -> str:
     return str(out.parent / f".{out.name}{TMP_MARKER}")
+
+
+def temp_name(out: Path) -> str:
+    """A new temporary name beside `out` for this process: `temp_prefix`, the pid (what
+    `remove_stale_temps` judges a killed run's leftovers by) and a random token."""
+    return f"{temp_prefix(out)}{os.getpid()}-{os.urandom(4).hex()}"
 
 
 def check_output_parent(out: Path) -> None:
@@ -54,14 +62,12 @@ def atomic_output(out: Path) -> Iterator[str]:
     """
     check_output_dir(out)
     remove_stale_temps(out)
-    tmp = f"{temp_prefix(out)}{os.getpid()}-{os.urandom(4).hex()}"
+    tmp = temp_name(out)
     # Created inside the try: a signal handled just after the file appears (SIGTERM raises
     # in the next bytecode) must still reach the cleanup below.
     try:
         try:
-            fd = os.open(
-                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644
-            )
+            fd = os.open(tmp, CREATE_NEW, 0o644)
         except OSError as exc:
             raise OutputError(
                 out, f"cannot create a file in {out.parent} ({exc.strerror})"

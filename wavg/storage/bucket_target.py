@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from wavg.errors import OutputError
+from wavg.storage.atomic import CREATE_NEW
 from wavg.storage.locations import redact
 from wavg.storage.remote import _retrying, filesystem, upload
-
-_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 
 
 class BucketTarget:
@@ -70,7 +69,7 @@ class BucketTarget:
     def create(self, name: str) -> Path:
         """An empty local file for the caller to write; `publish` uploads it."""
         path = self.staging / name
-        os.close(os.open(path, _CREATE, 0o644))
+        os.close(os.open(path, CREATE_NEW, 0o644))
         return path
 
     def publish(self, name: str) -> None:

@@ -22,16 +22,15 @@ from pathlib import Path
 from wavg._runtime import signals_held
 from wavg.errors import OutputError
 from wavg.storage.atomic import (
+    CREATE_NEW,
     TMP_MARKER,
     check_output_dir,
     check_output_parent,
     fsync_directory,
     process_alive,
     remove_stale_temps,
-    temp_prefix,
+    temp_name,
 )
-
-_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 
 
 class LocalTarget:
@@ -76,7 +75,7 @@ class LocalTarget:
         write and fsync; it is in place as it is written."""
         path = self.folder / name
         try:
-            os.close(os.open(path, _CREATE, 0o644))
+            os.close(os.open(path, CREATE_NEW, 0o644))
         except FileExistsError:
             raise
         except OSError as exc:
@@ -90,10 +89,10 @@ class LocalTarget:
         """Write `name` whole, replacing any file of that name; with `new`, only if there is
         none (False then). The commit point of an output is such a put."""
         # Named for this process, like `atomic_output`'s: a killed run's is removed by the next.
-        tmp = f"{temp_prefix(self.out)}{os.getpid()}-{os.urandom(4).hex()}"
+        tmp = temp_name(self.out)
         try:  # from before the file exists: a signal just after creating it must remove it
             try:
-                fd = os.open(tmp, _CREATE, 0o644)
+                fd = os.open(tmp, CREATE_NEW, 0o644)
             except OSError as exc:
                 raise self._cannot_create(exc) from None
             try:
@@ -157,7 +156,7 @@ class LocalTarget:
         out = self.out
         check(self.folder_names())
         clean_folder_leftovers(out)
-        tmp = Path(f"{temp_prefix(out)}{os.getpid()}-{os.urandom(4).hex()}")
+        tmp = Path(temp_name(out))
         try:  # from before the folder exists: a signal just after creating it must remove it
             try:
                 os.mkdir(tmp, 0o755)

@@ -23,6 +23,7 @@ from wavg.formats.base import Writer
 from wavg.formats.composite import CompositeCheckpoint, PartsWriter
 from wavg.formats.keras_folder.commit import check_model_folder, folder_output
 from wavg.formats.layouts import CONFIG, KERAS3_WEIGHTS, KERAS_FOLDER, WEIGHTS
+from wavg.storage.atomic import CREATE_NEW
 from wavg.storage.bytesource import ByteSource
 from wavg.storage.local import InputFile
 
@@ -111,7 +112,7 @@ class KerasFolderCheckpoint(CompositeCheckpoint):
         """A new folder: the copied files, then the averaged weights; swapped in on exit."""
         with folder_output(out) as tmp:
             weights_path = tmp / WEIGHTS
-            os.close(os.open(weights_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            os.close(os.open(weights_path, CREATE_NEW, 0o644))
             _, part = self.parts[0]
             writer = part.make_writer(str(weights_path), keep)
             try:
@@ -188,7 +189,7 @@ def check_copied_size(file: ByteSource, relative: str, path: str) -> None:
 
 def _copy_file(file: ByteSource, target: Path) -> int:
     """Copy an input file (re-identified on open) to a new file, fsynced."""
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+    fd = os.open(target, CREATE_NEW, 0o644)
     try:
         at = 0
         while at < file.size:
