@@ -68,3 +68,48 @@ def test_unknown_order_and_empty_list_are_refused():
         order_checkpoints(["m_1.h5"], order="random")
     with pytest.raises(UsageError, match="no checkpoints"):
         order_checkpoints([])
+
+
+@pytest.mark.parametrize(
+    "names",
+    [["run1/best.h5", "run1/last.h5"], ["mc3/weights.h5", "mc3/weights_final.h5"]],
+)
+def test_a_folder_every_input_shares_is_never_the_epoch(names):
+    with pytest.raises(UsageError, match="no epoch number in the name"):
+        order_checkpoints(names)
+    assert epoch_numbers(names) == [None, None]
+
+
+def test_folder_checkpoints_take_the_epoch_from_their_own_folder_name():
+    got = order_checkpoints(["run7/ep10/", "run7/ep9/", "run7/ep11"])
+    assert got == [Path("run7/ep9"), Path("run7/ep10"), Path("run7/ep11")]
+    assert epoch_numbers(got) == [9, 10, 11]
+
+
+def test_a_single_input_needs_no_epoch_and_takes_none_from_its_folder():
+    assert order_checkpoints(["mc3/weights.h5"]) == [Path("mc3/weights.h5")]
+    assert epoch_numbers(["mc3/weights.h5"]) == [None]
+    assert epoch_numbers(["mc3/model_7.h5"]) == [7]
+    assert order_checkpoints(["run3/best.h5"], order="given", last=1) == [Path("run3/best.h5")]
+
+
+_NAMES = st.sampled_from(["model_{}.h5", "ep{}/model.keras", "{}/ckpt.weights.h5", "m.{}-0.4.h5"])
+
+
+@given(
+    pattern=_NAMES,
+    epochs=st.lists(st.integers(0, 10**4), min_size=1, max_size=12, unique=True),
+    parents=st.lists(st.from_regex(r"[a-z]{0,3}[0-9]{1,3}", fullmatch=True), max_size=3),
+    url=st.booleans(),
+)
+def test_a_shared_parent_folder_with_digits_never_changes_the_order(pattern, epochs, parents, url):
+    names = [pattern.format(e) for e in epochs]
+    prefix = "/".join(parents)
+    root = f"s3://bucket7/{prefix}" if url else prefix
+    moved = [f"{root}/{name}" if root else name for name in names]
+    plain = order_checkpoints(names)
+    nested = order_checkpoints(moved)
+    assert [str(p).removeprefix(root).lstrip("/") for p in nested] == [str(p) for p in plain]
+    assert epoch_numbers(nested) == epoch_numbers(plain)
+    if len(epochs) > 1:
+        assert epoch_numbers(plain) == sorted(epochs)

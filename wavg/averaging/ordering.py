@@ -2,7 +2,9 @@
 
 Natural order compares the numbers in file names as numbers, so ``model_8 < model_9 <
 model_10`` whatever order a shell glob produced. The epoch shown for a file is the number
-that changes from file to file (``model.05-0.43.h5`` is epoch 5, not 43).
+that changes from file to file (``model.05-0.43.h5`` is epoch 5, not 43), read from the part
+of the path that tells the inputs apart: never from a folder they all share (``run1/best.h5``
+and ``run1/last.h5`` hold no epoch number).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
+from pathlib import PurePath
+from urllib.parse import urlsplit
 
 from wavg.errors import UsageError
 from wavg.storage.locations import Location, Url, as_location
@@ -34,20 +38,41 @@ def stem(path: str | os.PathLike[str] | Url) -> str:
     return name
 
 
-def _bare(path: str | os.PathLike[str] | Url) -> str:
-    """The path without its checkpoint suffix, so the 5 of ``.h5`` is never an epoch."""
-    folder = str(path.parent) if isinstance(path, Url) else os.path.dirname(os.fspath(path))
-    return os.path.join(folder, stem(path))
+def _parts(path: str | os.PathLike[str] | Url) -> tuple[str, ...]:
+    """The folders and name of `path` (for a URL, its scheme and bucket first)."""
+    location = as_location(path)
+    if isinstance(location, Url):
+        split = urlsplit(location.url)
+        return (f"{split.scheme}://{split.netloc}", *filter(None, split.path.split("/")))
+    return PurePath(location).parts
+
+
+def distinct_names(paths: Sequence[str | os.PathLike[str] | Url]) -> list[str]:
+    """What tells each input apart, without the checkpoint suffix: its own name when the
+    names alone do and each holds a number (a single input: its name), else its path below
+    the deepest folder all the inputs share (``run/9/model.keras`` -> ``9/model``).
+
+    A folder every input shares never contributes, so ``run1/best.h5 run1/last.h5`` has no
+    epoch number and ``mc3/weights.h5`` is not epoch 3.
+    """
+    stems = [stem(p) for p in paths]
+    if len(stems) < 2 or (len(set(stems)) == len(stems) and all(_NUMBER.search(s) for s in stems)):
+        return stems
+    parts = [_parts(p) for p in paths]
+    shared = 0
+    while all(len(p) > shared + 1 for p in parts) and len({p[shared] for p in parts}) == 1:
+        shared += 1
+    return ["/".join((*p[shared:-1], name)) for p, name in zip(parts, stems, strict=True)]
 
 
 def epoch_numbers(paths: Sequence[str | os.PathLike[str] | Url]) -> list[int | None]:
-    """The epoch of each file as read from its name, or None where the name has no number.
+    """The epoch of each input as read from its path (see `distinct_names`), or None where
+    that part of the path has no number.
 
     The epoch is the first number whose value differs between the names; for a single file
     (or names that do not share one pattern) it is the last number in the name.
     """
-    names = [stem(p) if _NUMBER.search(stem(p)) else _bare(p) for p in paths]
-    keys = [natural_key(name) for name in names]
+    keys = [natural_key(name) for name in distinct_names(paths)]
     same_pattern = len({len(k) for k in keys}) == 1 and all(
         k[i] == keys[0][i] for k in keys for i in range(0, len(k), 2)
     )
@@ -88,12 +113,17 @@ def order_checkpoints(
 
 
 def _natural_order(paths: list[Location]) -> list[Location]:
-    for path in paths:
-        if not _NUMBER.search(_bare(path)):
+    """`paths` sorted by the numbers in what tells them apart; a single input needs none."""
+    if len(paths) < 2:
+        return paths
+    names = distinct_names(paths)
+    for path, name in zip(paths, names, strict=True):
+        if not _NUMBER.search(name):
             raise UsageError(
                 f"{path}: no epoch number in the name; name files by epoch or pass --order given"
             )
-    ordered = sorted(paths, key=lambda p: (natural_key(stem(p)), natural_key(_bare(p))))
+    ranks = sorted(range(len(paths)), key=lambda i: natural_key(names[i]))
+    ordered = [paths[i] for i in ranks]
     epochs = epoch_numbers(ordered)
     for older, newer, e_old, e_new in zip(ordered, ordered[1:], epochs, epochs[1:], strict=False):
         if e_old == e_new:
