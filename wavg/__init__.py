@@ -2,7 +2,8 @@
 
 Public API (the CLI is a thin layer over these):
 
-- `combine(paths, out, scheme=..., alpha=..., weights=...)` averages checkpoint files into one;
+- `combine(paths, out, scheme=..., alpha=..., weights=...)` averages checkpoint files into one
+  (`paths`: a list of names, or one path or quoted glob such as ``"ckpt/model_49*.h5"``);
 - `plan_combine(...)` orders the files and computes the weights without reading any data;
 - `scheme_weights(n, scheme, alpha)` gives the normalised weights of a scheme;
 - `order_checkpoints(paths, order, last)` puts files oldest first by the epoch in their names.
@@ -49,6 +50,11 @@ _MODULES = {
     "train": "wavg.workflows.train",
     "errors": "wavg.errors",
 }
+
+
+def __dir__() -> list[str]:
+    """The public API (functions, classes, the documented modules), loaded or not."""
+    return sorted({*__all__, *_MODULES, "__version__"})
 
 
 def __getattr__(name: str) -> object:

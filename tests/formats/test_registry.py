@@ -167,6 +167,17 @@ def test_a_prefix_no_format_recognises_is_refused_as_a_prefix(bucket, runs):
         recognise(f"s3://{BUCKET}/table")
 
 
+def test_a_prefix_of_checkpoints_is_refused_with_the_glob_that_names_them(bucket, runs):
+    client, _ = bucket
+    put(client, runs["mlp"].files["h5"][:2], "table/two")
+    with pytest.raises(CheckpointError) as raised:
+        recognise(f"s3://{BUCKET}/table/two")
+    assert str(raised.value) == (
+        f"s3://{BUCKET}/table/two: is a directory (a prefix), not a checkpoint; "
+        f"it holds 2 .h5 files: pass 's3://{BUCKET}/table/two/*.h5'"
+    )
+
+
 def test_model_loading_reads_a_config_wherever_combine_reads_a_checkpoint(bucket, runs, multi):
     client, _ = bucket
     local = runs["mlp"].files["keras"][0]

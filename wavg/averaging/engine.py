@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -122,7 +122,7 @@ class CombineSummary:
 
 
 def plan_combine(
-    paths: Sequence[str | os.PathLike[str]],
+    paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     *,
     scheme: str = "equal",
     alpha: float = DEFAULT_ALPHA,
@@ -132,8 +132,11 @@ def plan_combine(
 ) -> CombinePlan:
     """Order the files (oldest first) and weight them; reads no file contents.
 
-    Names may be URLs; quoted globs are expanded (see `wavg.storage.globs.expand_inputs`), and
-    a directory of checkpoints (an OrbaxCheckpoint root) stands for its committed steps.
+    `paths` is a list of names, or one name: ``plan_combine("ckpt/model_49*.h5")``; anything
+    else (bytes, a number) is a TypeError. Names may be URLs; quoted globs are expanded (see
+    `wavg.storage.globs.expand_inputs`), and a directory of checkpoints (an OrbaxCheckpoint
+    root) stands for its committed steps; any other directory is refused, naming the glob of
+    the checkpoints it holds.
     Custom `weights` are in the final order, oldest first, after `last` is applied.
     """
     found, skipped = expand_checkpoint_dirs(expand_inputs(paths))
@@ -155,7 +158,7 @@ def plan_combine(
 
 
 def combine(
-    paths: Sequence[str | os.PathLike[str]],
+    paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     out: str | os.PathLike[str],
     *,
     scheme: str = "equal",
@@ -180,7 +183,10 @@ def combine(
     ``"requantize"``: then int8/int4 kernels are dequantized, averaged and quantized again
     exactly as Keras would (see `wavg.averaging.quantized`).
 
+    `paths` as in `plan_combine`: a list, or one path or quoted glob.
+
     >>> combine(["model_498.h5", "model_499.h5"], "avg.h5", scheme="exp", alpha=2)  # doctest: +SKIP
+    >>> combine("ckpt/model_49*.h5", "avg.h5")  # doctest: +SKIP
     """
     plan = plan_combine(paths, scheme=scheme, alpha=alpha, weights=weights, order=order, last=last)
     return run_plan(
@@ -332,13 +338,7 @@ def _refuse_output_among_inputs(out: Location, inputs: list[Location]) -> None:
 def _check_compatible(inputs: list[Checkpoint], out: Path) -> None:
     """All inputs share the newest's format and averaged tensors (names, shapes, dtypes)."""
     newest = inputs[-1]
-    for ckpt in inputs[:-1]:
-        if ckpt.layout != newest.layout:
-            raise CheckpointMismatch(
-                ckpt.path,
-                f"is in {ckpt.layout.name} format but {newest.path} is in {newest.layout.name} "
-                "format; all inputs must share one format",
-            )
+    _check_one_format(inputs)
     if not newest.layout.accepts_output(out.name):
         wanted = " or ".join(newest.layout.suffixes)
         raise UsageError(
@@ -369,6 +369,31 @@ def _check_compatible(inputs: list[Checkpoint], out: Path) -> None:
         extra = next((n for n in mine if n not in expected), None)
         if extra is not None:
             raise CheckpointMismatch(ckpt.path, f"has tensor {extra}, which {newest.path} lacks")
+
+
+def _check_one_format(inputs: list[Checkpoint]) -> None:
+    """All inputs share one format; if not, blame the first input of a minority format
+    (the newest's format wins a tie), since that is the file most likely given by mistake."""
+    counts = Counter(ckpt.layout for ckpt in inputs)
+    if len(counts) == 1:
+        return
+    newest = inputs[-1].layout
+    usual = max(counts, key=lambda layout: (counts[layout], layout == newest))
+    odd = next(ckpt for ckpt in inputs if ckpt.layout != usual)
+    others = len(inputs) - 1
+    if counts[usual] == others:
+        in_usual = (
+            f"the other input, {next(c.path for c in inputs if c is not odd)}, is"
+            if others == 1
+            else f"the other {others} inputs are"
+        )
+    else:
+        in_usual = f"{counts[usual]} of the {len(inputs)} inputs are"
+    raise CheckpointMismatch(
+        odd.path,
+        f"is in {odd.layout.name} format but {in_usual} in {usual.name} format; "
+        "all inputs must share one format",
+    )
 
 
 def _dtype_name(t: Tensor) -> str:

@@ -16,7 +16,7 @@ from pathlib import PurePath
 from urllib.parse import urlsplit
 
 from wavg.errors import UsageError
-from wavg.storage.locations import Location, Url, as_location
+from wavg.storage.locations import Location, Url, as_location, input_names
 
 ORDERS = ("natural", "given")
 _NUMBER = re.compile(r"(\d+)")
@@ -84,7 +84,7 @@ def epoch_numbers(paths: Sequence[str | os.PathLike[str] | Url]) -> list[int | N
 
 
 def order_checkpoints(
-    paths: Sequence[str | os.PathLike[str] | Url],
+    paths: str | os.PathLike[str] | Url | Sequence[str | os.PathLike[str] | Url],
     order: str = "natural",
     last: int | None = None,
 ) -> list[Location]:
@@ -92,8 +92,10 @@ def order_checkpoints(
 
     ``order="given"`` keeps the caller's order. ``"natural"`` sorts by the numbers in the
     names and refuses names it cannot order (no number, or two files with one epoch), since a
-    guessed order would silently weight the wrong checkpoint most.
+    guessed order would silently weight the wrong checkpoint most. One str or os.PathLike
+    is one name; anything but names is a TypeError (see `storage.locations.input_names`).
     """
+    paths = input_names(paths)
     if not paths:
         raise UsageError("no checkpoints given")
     if order not in ORDERS:
@@ -105,8 +107,9 @@ def order_checkpoints(
         if isinstance(last, bool) or not isinstance(last, int) or last < 1:
             raise UsageError(f"--last must be a positive whole number, got {last!r}")
         if last > len(ordered):
-            raise UsageError(
-                f"--last {last} asks for more checkpoints than the {len(ordered)} given"
+            raise UsageError(  # refused, not clamped: fewer inputs would be a different average
+                f"--last {last} asks for more checkpoints than the {len(ordered)} given; pass "
+                f"--last {len(ordered)} or fewer, or leave --last out to average all of them"
             )
         ordered = ordered[-last:]
     return ordered

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,9 @@ PREFIX = "bucket prefix"  # its listing (`storage.remote.RemotePrefix`)
 STEP_URL = "Orbax step URL"  # a URL an Orbax root's listing found to be a step
 BYTES = "bytes"  # a file's or object's first bytes (`InputFile`, `RemoteFile`)
 
+# What a folder's files are named when it holds checkpoints (the index first: its shards
+# are named like weights files but are no checkpoints of their own).
+_CHECKPOINT_SUFFIXES = (".weights.json", ".weights.h5", ".keras", ".h5", ".hdf5")
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _ZIP_SIGNATURE = b"PK\x03\x04"
 
@@ -207,6 +211,8 @@ def expand_checkpoint_dirs(locations: list[Location]) -> tuple[list[Location], l
         root = _first(ORBAX_ROOT, offered)
         expanded = root.expands(offered) if root is not None and root.expands else None
         if expanded is None:
+            if not isinstance(location, Url) and os.path.isdir(offered):
+                _folder(offered)  # before ordering: its name is not what is wrong with it
             found.append(location)
         else:
             found.extend(expanded[0])
@@ -233,15 +239,54 @@ def recognise(path: str | os.PathLike[str] | Url) -> tuple[Recogniser, Any]:
         if isinstance(offered, RemotePrefix):
             row = _first(PREFIX, offered)
             if row is None:
-                raise CheckpointError(offered.path, "is a directory (a prefix), not a checkpoint")
+                hint = _what_a_folder_holds(offered.names(), 0, f"{location.url.rstrip('/')}/")
+                raise CheckpointError(
+                    offered.path, f"is a directory (a prefix), not a checkpoint; {hint}"
+                )
             return row, offered
         return _recognise_bytes(offered)
     folder = os.fspath(location)
     if os.path.isdir(folder):
-        row = _first(FOLDER, folder)
-        if row is not None:
-            return row, folder
-    return _recognise_bytes(InputFile(folder))  # a bare folder: the byte source says so
+        return _folder(folder), folder
+    return _recognise_bytes(InputFile(folder))
+
+
+def _folder(folder: str) -> Recogniser:
+    """The row of a local folder that is one checkpoint (an Orbax step, an unzipped model);
+    any other folder is refused, saying which checkpoints it holds and how to name them."""
+    row = _first(FOLDER, folder)
+    if row is not None:
+        return row
+    try:
+        entries = list(os.scandir(folder))
+    except OSError as exc:
+        raise CheckpointError(folder, f"cannot list this directory ({exc.strerror})") from None
+    models = sum(1 for e in entries if e.is_dir() and _first(FOLDER, e.path) is not None)
+    hint = _what_a_folder_holds([e.name for e in entries], models, os.path.join(folder, ""))
+    raise CheckpointError(folder, f"is a directory, not a checkpoint file; {hint}")
+
+
+def _what_a_folder_holds(names: Iterable[str], model_folders: int, prefix: str) -> str:
+    """Which checkpoints a folder's `names` are, and the quoted glob (under `prefix`, the
+    folder's own name and separator) that passes them as inputs."""
+    counts = Counter(
+        next((s for s in _CHECKPOINT_SUFFIXES if name.lower().endswith(s)), None) for name in names
+    )
+    counts.pop(None, None)
+    if counts:
+        suffix = ".weights.json" if ".weights.json" in counts else counts.most_common(1)[0][0]
+        held = " and ".join(_count(n, f"{s} file") for s, n in counts.most_common())
+        return f"it holds {held}: pass '{prefix}*{suffix}'"
+    if model_folders:
+        return f"it holds {_count(model_folders, 'model folder')}: pass '{prefix}*/'"
+    return (
+        "it holds no checkpoint (no .h5, .weights.h5, .keras or .weights.json file, "
+        "unzipped .keras model or Orbax step)"
+    )
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}" if n == 1 else f"{n} {what}s"
 
 
 def _recognise_bytes(file: ByteSource) -> tuple[Recogniser, ByteSource]:
@@ -249,11 +294,15 @@ def _recognise_bytes(file: ByteSource) -> tuple[Recogniser, ByteSource]:
         row = _first(BYTES, file)
         if row is not None:
             return row, file
+        formats = "HDF5 nor a .keras archive nor a .weights.json index"
         if file.size < 8:
-            raise CheckpointError(file.path, "too short to be a checkpoint (truncated?)")
-        raise CheckpointError(
-            file.path, "not a Keras checkpoint (neither HDF5 nor a .keras archive)"
-        )
+            head = file.read_at(0, file.size)
+            if any(sig.startswith(head) for sig in (_HDF5_SIGNATURE, _ZIP_SIGNATURE)):
+                raise CheckpointError(file.path, "too short to be a checkpoint (truncated?)")
+            raise CheckpointError(
+                file.path, f"too short to be a checkpoint ({file.size} bytes, neither {formats})"
+            )
+        raise CheckpointError(file.path, f"not a Keras checkpoint (neither {formats})")
     except BaseException:
         file.release()
         raise

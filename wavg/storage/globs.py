@@ -13,11 +13,16 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from wavg.errors import CheckpointError
-from wavg.storage.locations import GLOB_CHARS, Location, Url, as_location
+from wavg.storage.locations import GLOB_CHARS, Location, Url, as_location, input_names
 
 
-def expand_inputs(names: Sequence[str | os.PathLike[str] | Url]) -> list[Location]:
+def expand_inputs(
+    names: str | os.PathLike[str] | Url | Sequence[str | os.PathLike[str] | Url],
+) -> list[Location]:
     """The checkpoints `names` stand for, with quoted globs expanded; reads no contents.
+
+    `names` is one name or a list of them (see `locations.input_names`, which raises the
+    TypeError for anything else, naming ``paths``, the public functions' parameter).
 
     A local name is taken literally when something has that name; otherwise, if it holds
     glob characters, it is matched (sorted; ordering by epoch comes later). A URL with glob
@@ -25,7 +30,7 @@ def expand_inputs(names: Sequence[str | os.PathLike[str] | Url]) -> list[Locatio
     local name, is a `CheckpointError` naming it.
     """
     found: list[Location] = []
-    for name in names:
+    for name in input_names(names):
         location = as_location(name)
         if isinstance(location, Url):
             if GLOB_CHARS.search(urlsplit(location.url).path):

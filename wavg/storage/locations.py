@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import posixpath
 import re
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -93,6 +93,29 @@ def as_location(name: str | os.PathLike[str] | Url) -> Location:
             return Path(unquote(urlsplit(text).path))
         return Url(text)
     return Path(name)
+
+
+def input_names(paths: object, parameter: str = "paths") -> list[str | os.PathLike[str] | Url]:
+    """`paths` as a list of input names: one str, os.PathLike or `Url` is one name (a path,
+    a URL or a quoted glob), any other iterable gives its items.
+
+    Anything else is a TypeError naming `parameter`, bytes included: iterated, a string would
+    be read as one name per character and bytes as numbers, and both fail far from the call.
+    """
+    if isinstance(paths, str | os.PathLike | Url):
+        return [paths]
+    if isinstance(paths, bytes | bytearray | memoryview) or not isinstance(paths, Iterable):
+        raise TypeError(
+            f"{parameter} must be a path, URL or glob (str or os.PathLike) or a list of them, "
+            f"not {type(paths).__name__}"
+        )
+    names = list(paths)
+    for i, name in enumerate(names):
+        if not isinstance(name, str | os.PathLike | Url):
+            raise TypeError(
+                f"{parameter}[{i}] must be a str or os.PathLike, not {type(name).__name__}"
+            )
+    return names
 
 
 def identity_key(location: Location) -> Hashable | None:
