@@ -3,6 +3,8 @@
 No averaging, ordering or file logic lives here. Results go to stdout (tables, ``--json``);
 progress and errors go to stderr. Every failure wavg can explain ends as one line,
 ``wavg: error: <message>``, and an exit code: 0 ok, 1 failure, 2 usage, 130/143 interrupted.
+A failure to write stdout (a full disk, a closed pipe) is such a failure too (exit 1), saying
+whether the output file was written.
 """
 
 from __future__ import annotations
@@ -10,10 +12,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -41,12 +44,23 @@ PLAN_ROWS = 20
 # group and entry point
 
 
-class _WavgGroup(click.Group):
+class _HelpToStdout(click.Command):
+    """A command whose parsing (which prints --help and --version) reports a failed stdout
+    in one line, as the commands do for their results (see `_stdout_guard`)."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        with _stdout_guard(None, "the help or version"):
+            return super().make_context(*args, **kwargs)
+
+
+class _WavgGroup(_HelpToStdout, click.Group):
     """A group whose every failure ends as one line on stderr and a documented exit code.
 
     Overriding `main` (rather than wrapping it in the console script) gives tests that use
     Click's CliRunner exactly what a user sees.
     """
+
+    command_class = _HelpToStdout
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         def run() -> object:
@@ -61,9 +75,61 @@ class _WavgGroup(click.Group):
 
 
 @click.group(cls=_WavgGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(version=__version__, package_name="wavg")
+@click.version_option(__version__, "-V", "--version", package_name="wavg")
 def cli() -> None:
-    """Average the weights of Keras checkpoints (Polyak-Ruppert averaging)."""
+    """Average the weights of Keras checkpoints (Polyak-Ruppert averaging).
+
+    \b
+    Shell completion (bash; zsh and fish alike with zsh_source, fish_source):
+      eval "$(_WAVG_COMPLETE=bash_source wavg)"
+    """
+
+
+def quiet_option(command: Callable[..., object]) -> Callable[..., object]:
+    """The ``-q/--quiet`` flag every command takes: only errors, warnings and the results
+    asked for (``--json``, ``--csv``, evaluate's table) are printed."""
+    return click.option(
+        "-q",
+        "--quiet",
+        is_flag=True,
+        help="Print only errors, warnings and --json: no plan, progress, notes or summary.",
+    )(command)
+
+
+class _StdoutFailed(WavgError):
+    """stdout could not be written (a full disk, a closed pipe) after the work was done."""
+
+    def __init__(self, exc: OSError, written: str | None, what: str = "the summary") -> None:
+        done = f"{written} was written" if written else "no file was written"
+        reason = exc.strerror or type(exc).__name__
+        super().__init__(f"could not write {what} to stdout ({reason}); {done}")
+
+
+def _result(text: str, written: str | None, nl: bool = True) -> None:
+    """Print `text` on stdout; a failure to becomes one error line saying whether the
+    output, `written` (None: no file), was written (see `_stdout_guard`)."""
+    with _stdout_guard(written):
+        click.echo(text, nl=nl)
+
+
+@contextlib.contextmanager
+def _stdout_guard(written: str | None, what: str = "the summary") -> Iterator[None]:
+    """Turn a failed write to stdout into `_StdoutFailed` (and silence stdout)."""
+    try:
+        yield
+        sys.stdout.flush()
+    except OSError as exc:
+        _silence_stdout()
+        raise _StdoutFailed(exc, written, what) from None
+
+
+def _silence_stdout() -> None:
+    """Point a failed stdout at the null device, so that Python's own flush at exit does not
+    fail (and print a traceback-like message) a second time."""
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
 
 
 def needs_extra(extra: str) -> Callable[[Callable[..., object]], Callable[..., object]]:
@@ -99,7 +165,7 @@ def needs_extra(extra: str) -> Callable[[Callable[..., object]], Callable[..., o
 # combine
 
 
-@cli.command()
+@cli.command(short_help="Average checkpoints into one checkpoint.")
 @click.argument(
     "checkpoints", nargs=-1, required=True, type=click.Path(path_type=str, readable=False)
 )
@@ -153,6 +219,7 @@ def needs_extra(extra: str) -> Callable[[Callable[..., object]], Callable[..., o
     show_default=True,
     help="Quantized (int8/int4) inputs: refuse them, or dequantize, average and requantize.",
 )
+@quiet_option
 def combine(
     checkpoints: tuple[str, ...],
     output: str,
@@ -166,8 +233,13 @@ def combine(
     allow_nonfinite: bool,
     drop_optimizer: bool,
     quantized: str,
+    quiet: bool,
 ) -> None:
     """Average CHECKPOINTS (one training run's last epochs) into one checkpoint.
+
+    Each of CHECKPOINTS is a file (.h5, .weights.h5, .keras, .weights.json), a quoted glob
+    ('ckpt/*.h5', expanded by wavg, also in buckets), an s3:// or gs:// URL, a folder holding
+    an unzipped .keras model, or an Orbax checkpoint root (standing for its steps).
 
     \b
     Example:
@@ -190,9 +262,18 @@ def combine(
 
     def on_ready(summary: CombineSummary) -> None:
         shown.extend(summary.warnings)
+        if quiet:
+            for warning in summary.warnings:
+                _warn(warning)
+            return
         _render_plan(plan, summary.warnings)
+        if len(plan.inputs) == 1:
+            _note(
+                f"one checkpoint given: {summary.output} holds the weights of "
+                f"{plan.inputs[0]} unchanged; pass two or more to average them"
+            )
 
-    with _progress_bar() as progress:
+    with _progress_bar(enabled=not quiet) as progress:
         summary = run_plan(
             plan,
             output,
@@ -205,12 +286,16 @@ def combine(
         )
     for warning in summary.warnings[len(shown) :]:  # found while averaging (one run?)
         _warn(warning)
+    written = None if dry_run else str(summary.output)
     if as_json:
-        click.echo(json.dumps(summary.to_json(), indent=2))
+        _result(json.dumps(summary.to_json(), indent=2), written)
+    elif quiet:
+        return
     elif dry_run:
-        click.echo(
+        _result(
             f"dry run: would write {summary.output} ({summary.format}, {summary.tensors} tensors "
-            f"averaged, {summary.copied_tensors} copied); nothing written"
+            f"averaged, {summary.copied_tensors} copied); nothing written",
+            written,
         )
     else:
         requantized = (
@@ -218,11 +303,12 @@ def combine(
             if summary.requantized_layers
             else ""
         )
-        click.echo(
+        _result(
             f"wrote {summary.output} ({summary.format}, {summary.tensors} tensors averaged"
             f"{requantized}, "
             f"{summary.copied_tensors} copied, {_size(summary.bytes_written)}) "
-            f"in {summary.seconds:.2f} s"
+            f"in {summary.seconds:.2f} s",
+            written,
         )
 
 
@@ -292,6 +378,11 @@ def _render_plan(plan: CombinePlan, warnings: list[str]) -> None:
         _warn(warning)
 
 
+def _note(note: str) -> None:
+    """A note on stderr (what wavg did that the user may not expect; not a problem)."""
+    click.echo(f"wavg: note: {note}", err=True)
+
+
 def _warn(warning: str) -> None:
     """A warning on stderr: wrapped to a terminal's width, one line in a log."""
     if _on_terminal():
@@ -301,9 +392,9 @@ def _warn(warning: str) -> None:
 
 
 @contextlib.contextmanager
-def _progress_bar() -> Iterator[Callable[[int, int], None] | None]:
+def _progress_bar(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
     """A progress bar on stderr, only on a terminal and only for work worth watching."""
-    if not _on_terminal() or not _stderr().is_terminal:
+    if not enabled or not _on_terminal() or not _stderr().is_terminal:
         yield None
         return
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
@@ -394,7 +485,7 @@ def _install_signal_handlers() -> None:
 # the `keras` extra (see `needs_extra`).
 
 
-@cli.command("train-save")
+@cli.command("train-save", short_help="Train the case-study model; keep its last epochs.")
 @click.option("--epochs", type=int, default=500, show_default=True, help="Epochs to train.")
 @click.option("--keep", type=int, default=10, show_default=True, help="Keep the last K epochs.")
 @click.option(
@@ -471,9 +562,13 @@ def train_save_command(
         )
 
 
-@cli.command("evaluate", no_args_is_help=True)
+@cli.command(
+    "evaluate",
+    no_args_is_help=True,
+    short_help="Score checkpoints, averages, soup and ensemble per n.",
+)
 @click.argument("checkpoints", nargs=-1, required=True)
-@click.option("--data", default="blobs", show_default=True, help="'blobs' or FILE.npz.")
+@click.option("--data", default="blobs", show_default=True, help="'blobs', 'digits' or FILE.npz.")
 @click.option("--schemes", default="equal,linear,exp", show_default=True, help="Averages.")
 @click.option("--alpha", type=float, default=2.0, show_default=True, help="Decay of 'exp'.")
 @click.option("--alphas", default=None, help="Extra exp columns, e.g. 0.5,1,2,4,8.")
@@ -489,7 +584,7 @@ def train_save_command(
 @click.option(
     "--bn-data",
     default=None,
-    help="'blobs' or FILE.npz: add each average after bn-update on its x_train (name+bn).",
+    help="'blobs', 'digits' or FILE.npz: add each average after bn-update on its x_train (name+bn).",
 )
 @click.option("--metric", default=None, help="Score to show (default: accuracy, else loss).")
 @click.option("--plot", "plot_path", default=None, help="Save a plot to FILE.png.")
@@ -498,6 +593,14 @@ def train_save_command(
 @click.option("--model", "model_file", default=None, help="Architecture (FILE.keras).")
 @click.option("--custom-objects", default=None, help="Module defining the model's classes.")
 @click.option("--trust-file", is_flag=True, help="Load files even if they hold code.")
+@click.option(
+    "--order",
+    type=click.Choice(ORDERS),
+    default="natural",
+    show_default=True,
+    help="natural: by the epoch number in the names; given: as listed. Last = newest.",
+)
+@quiet_option
 @needs_extra("keras")
 def evaluate_command(
     checkpoints: tuple[str, ...],
@@ -517,6 +620,8 @@ def evaluate_command(
     model_file: str | None,
     custom_objects: str | None,
     trust_file: bool,
+    order: str,
+    quiet: bool,
 ) -> None:
     """Score single checkpoints, weight averages, the greedy soup and the ensemble of the n
     newest, n = 1...N."""
@@ -527,7 +632,7 @@ def evaluate_command(
         raise UsageError("give --json or --csv, not both")
     if plot_path is not None:
         check_plot_path(plot_path)
-    with _step_progress(enabled=True) as progress:
+    with _step_progress(enabled=not quiet) as progress:
         task = progress.add_task("evaluating", total=None)
         result = evaluate(
             checkpoints,
@@ -543,6 +648,7 @@ def evaluate_command(
             model=model_file,
             custom_objects=custom_objects,
             trust=trust_file,
+            order=order,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
     for warning in result.warnings:
@@ -551,24 +657,32 @@ def evaluate_command(
     if plot_path is not None:
         plot_evaluation(result, plot_path, metric)
     if as_json:
-        click.echo(result.to_json())
+        _result(result.to_json(), plot_path)
     elif as_csv:
-        click.echo(result.to_csv(), nl=False)
+        _result(result.to_csv(), plot_path, nl=False)
     else:
-        _render_evaluation(result, metric)
-        if plot_path is not None:
+        with _stdout_guard(plot_path):
+            _render_evaluation(result, metric)
+        if plot_path is not None and not quiet:
             click.echo(f"plot saved to {plot_path}", err=True)
 
 
-@cli.command("bn-update", no_args_is_help=True)
+@cli.command(
+    "bn-update",
+    no_args_is_help=True,
+    short_help="Recompute an average's BatchNorm statistics on data.",
+)
 @click.argument("avg")
-@click.option("--data", required=True, help="Training inputs: 'blobs' or FILE.npz (x_train).")
+@click.option(
+    "--data", required=True, help="Training inputs: 'blobs', 'digits' or FILE.npz (x_train)."
+)
 @click.option("-o", "--output", required=True, help="Checkpoint to write (AVG's format).")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Batch size.")
 @click.option("--model", "model_file", default=None, help="Architecture for a .weights.h5 AVG.")
 @click.option("--custom-objects", default=None, help="Module defining the model's classes.")
 @click.option("--trust-file", is_flag=True, help="Load files even if they hold code.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
+@quiet_option
 @needs_extra("keras")
 def bn_update_command(
     avg: str,
@@ -579,6 +693,7 @@ def bn_update_command(
     custom_objects: str | None,
     trust_file: bool,
     as_json: bool,
+    quiet: bool,
 ) -> None:
     """Recompute the BatchNormalization statistics of AVG (an averaged model) on training data.
 
@@ -597,38 +712,47 @@ def bn_update_command(
         custom_objects=custom_objects,
         trust=trust_file,
     )
-    if result.frozen:
-        click.echo(
-            f"wavg: note: left {len(result.frozen)} frozen BatchNormalization layer(s) "
-            f"alone (trainable=False): {', '.join(result.frozen)}",
-            err=True,
+    if result.frozen and not quiet:
+        _note(
+            f"left {len(result.frozen)} frozen BatchNormalization layer(s) "
+            f"alone (trainable=False): {', '.join(result.frozen)}"
         )
+    written = None if result.output is None else output
     if as_json:
-        click.echo(json.dumps(result.to_json(), indent=2))
+        _result(json.dumps(result.to_json(), indent=2), written)
+    elif quiet:
+        return
     elif result.output is None:
-        click.echo(
-            f"wavg: note: {avg} has no trainable BatchNormalization layer; nothing to "
-            f"recalibrate, {output} not written",
-            err=True,
+        _note(
+            f"{avg} has no trainable BatchNormalization layer; nothing to "
+            f"recalibrate, {output} not written"
         )
     else:
-        click.echo(
+        _result(
             f"wrote {output} ({len(result.updated)} BatchNormalization layer(s) recalibrated "
             f"on {result.samples} samples in {result.batches} batches, "
-            f"{_size(result.bytes_written)}) in {result.seconds:.2f} s"
+            f"{_size(result.bytes_written)}) in {result.seconds:.2f} s",
+            written,
         )
 
 
-@cli.command("soup", no_args_is_help=True)
+@cli.command(
+    "soup",
+    no_args_is_help=True,
+    short_help="Average the checkpoints a greedy soup picks on held-out data.",
+)
 @click.argument("checkpoints", nargs=-1, required=True)
 @click.option(
     "--data",
     required=True,
-    help="Held-out data to choose on: 'blobs' (its validation split) or VAL.npz (x_test, y_test).",
+    help="Held-out data to choose on: 'blobs' or 'digits' (their validation splits) or "
+    "VAL.npz (x_test, y_test).",
 )
 @click.option("-o", "--output", required=True, help="The soup to write (the inputs' format).")
 @click.option("--metric", default=None, help="Score to choose by (default: accuracy, else loss).")
-@click.option("--bn-data", default=None, help="Recalibrate BatchNorm on 'blobs' or FILE.npz.")
+@click.option(
+    "--bn-data", default=None, help="Recalibrate BatchNorm on 'blobs', 'digits' or FILE.npz."
+)
 @click.option("--batch-size", type=int, default=32, show_default=True, help="For --bn-data.")
 @click.option(
     "--order",
@@ -641,6 +765,7 @@ def bn_update_command(
 @click.option("--model", "model_file", default=None, help="Architecture (FILE.keras).")
 @click.option("--custom-objects", default=None, help="Module defining the model's classes.")
 @click.option("--trust-file", is_flag=True, help="Load files even if they hold code.")
+@quiet_option
 @needs_extra("keras")
 def soup_command(
     checkpoints: tuple[str, ...],
@@ -654,6 +779,7 @@ def soup_command(
     model_file: str | None,
     custom_objects: str | None,
     trust_file: bool,
+    quiet: bool,
 ) -> None:
     """Average the checkpoints a greedy soup picks on held-out data into one checkpoint.
 
@@ -664,8 +790,9 @@ def soup_command(
     from wavg.workflows.soup import soup
 
     def show(step, path) -> None:
-        verdict = "kept" if step.kept else "left out"
-        click.echo(f"soup: {path.name:<24} {step.score:.4f}  {verdict}", err=True)
+        if not quiet:
+            verdict = "kept" if step.kept else "left out"
+            click.echo(f"soup: {path.name:<24} {step.score:.4f}  {verdict}", err=True)
 
     result = soup(
         checkpoints,
@@ -683,14 +810,17 @@ def soup_command(
     for warning in result.warnings:
         click.echo(f"wavg: warning: {warning}", err=True)
     if as_json:
-        click.echo(json.dumps(result.to_json(), indent=2))
+        _result(json.dumps(result.to_json(), indent=2), output)
+        return
+    if quiet:
         return
     best = result.best_single
-    click.echo(
+    _result(
         f"wrote {output}: the average of {len(result.ingredients)} of {len(result.members)} "
         f"checkpoints; {result.metric} on {result.data}: soup {result.soup_score:.4f}, "
         f"best single {result.single_scores[best]:.4f} ({result.members[best].name}), "
-        f"uniform average {result.uniform_score:.4f}"
+        f"uniform average {result.uniform_score:.4f}",
+        output,
     )
 
 
