@@ -106,7 +106,7 @@ class _StdoutFailed(WavgError):
 
 
 def _result(text: str, written: str | None, nl: bool = True) -> None:
-    """Print `text` on stdout; a failure to becomes one error line saying whether the
+    """Print `text` on stdout; a failed write becomes one error line saying whether the
     output, `written` (None: no file), was written (see `_stdout_guard`)."""
     with _stdout_guard(written):
         click.echo(text, nl=nl)
