@@ -516,7 +516,7 @@ def _install_signal_handlers() -> None:
 @click.option("--model", "model_file", default=None, help="Train this compiled FILE.keras.")
 @click.option("--custom-objects", default=None, help="Module defining the model's classes.")
 @click.option("--trust-file", is_flag=True, help="Load --model even if it holds code.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
+@quiet_option
 @needs_extra("keras")
 def train_save_command(
     epochs: int,
