@@ -250,8 +250,8 @@ def links(path: Path) -> list[str]:
     return targets
 
 
-@pytest.mark.parametrize("path", doc_files(), ids=lambda p: str(p.relative_to(ROOT)))
-def test_every_relative_link_and_anchor_resolves(path: Path) -> None:
+def broken_links(path: Path) -> list[str]:
+    """The relative links of a Markdown file that name no file, or no heading of it."""
     broken = []
     for target in links(path):
         if re.match(r"^[a-z]+:", target):
@@ -262,6 +262,12 @@ def test_every_relative_link_and_anchor_resolves(path: Path) -> None:
             broken.append(f"{target}: no such file")
         elif anchor and linked.suffix == ".md" and anchor not in anchors(linked):
             broken.append(f"{target}: no heading with that anchor")
+    return broken
+
+
+@pytest.mark.parametrize("path", doc_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_relative_link_and_anchor_resolves(path: Path) -> None:
+    broken = broken_links(path)
     assert not broken, f"{path.relative_to(ROOT)}: {broken}"
 
 
@@ -287,6 +293,13 @@ def test_the_parser_reads_markers_continuations_and_carried_commands(tmp_path: P
     assert command_lines(first) == ["wavg combine a.h5 -o b.h5"]
     assert (second.tag, second.markers, second.body) == ("text", [], "out\n")
     assert anchors(page) == {"title"}
+    other = tmp_path / "other.md"
+    other.write_text("[a](page.md#title) [b](page.md#nope) `[c](no.md)` [d](no.md) [e](#x)\n")
+    assert broken_links(other) == [
+        "page.md#nope: no heading with that anchor",
+        "no.md: no such file",
+        "#x: no heading with that anchor",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------

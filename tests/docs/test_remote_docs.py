@@ -17,6 +17,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "sample_checkpoints"
@@ -63,3 +64,16 @@ def test_the_documented_bucket_commands_run_as_printed(s3, tmp_path: Path) -> No
     summary = json.loads(results[3].stdout)
     assert [i["epoch"] for i in summary["inputs"]] == [497, 498, 499]
     assert summary["bytes_fetched"] > 0 and summary["requests"] > 0
+
+
+ORBAX_COMMAND = "wavg combine ckpt --last 3 -o ckpt_avg"
+
+
+@pytest.mark.slow
+def test_the_documented_orbax_command_runs_as_printed(orbax_roots, tmp_path: Path) -> None:
+    pytest.importorskip("tensorstore")
+    shutil.copytree(orbax_roots / "jax" / "functional", tmp_path / "ckpt", symlinks=True)
+    done = _run(ORBAX_COMMAND, tmp_path)
+    assert done.returncode == 0, done.stderr
+    newest = max(int(p.name) for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit())
+    assert [p.name for p in (tmp_path / "ckpt_avg").iterdir()] == [str(newest)]
