@@ -60,7 +60,7 @@ WORKERS = 2
 # The one-run check compares every DISTANCE_STRIDE-th run of SAMPLE_ROW items of each input
 # with the newest's (all of a unit under DISTANCE_STRIDE runs): contiguous runs cost far less
 # per item than a strided sample, and 1/32 of millions of weights estimates their distance
-# far more finely than the 25% limit needs. Measured cost: see README, Performance.
+# far more finely than the 25% limit needs. Measured cost: see bench/README.md.
 DISTANCE_STRIDE = 32
 SAMPLE_ROW = 1024
 # ... in 1 large unit in UNIT_STRIDE (every small one): a compared unit copies each input's
@@ -109,7 +109,7 @@ class CombineSummary:
     requests: int = 0  # requests made to object storage
 
     def to_json(self) -> dict:
-        """A JSON-ready dict; the schema is documented in the README and kept stable."""
+        """A JSON-ready dict; the schema is documented in docs/json.md and kept stable."""
         data = asdict(self)
         data["inputs"] = [
             {"path": str(p), "epoch": e, "weight": w}

@@ -3,7 +3,7 @@
 A checkpoint's config can name code: a Lambda layer carries Python bytecode, a TFSMLayer loads
 and runs an external SavedModel, any ``module``/``function`` reference can import a function
 such as ``os.system``. Keras' ``safe_mode`` has missed some of these (see the advisories in
-the README), and for legacy ``.h5`` it was ignored before Keras 3.11.3. So before Keras sees a
+SECURITY.md), and for legacy ``.h5`` it was ignored before Keras 3.11.3. So before Keras sees a
 file, wavg reads its config itself, through the reader `wavg combine` uses (``.h5``: the
 ``model_config`` attribute; ``.keras`` archive or folder: ``config.json``) and refuses such
 references unless the caller trusts the file. Classes from a ``--custom-objects`` module are
