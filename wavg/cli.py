@@ -153,6 +153,14 @@ def needs_extra(extra: str) -> Callable[[Callable[..., object]], Callable[..., o
     show_default=True,
     help="Quantized (int8/int4) inputs: refuse them, or dequantize, average and requantize.",
 )
+@click.option(
+    "--max-shard-size",
+    "max_shard_gb",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    metavar="GB",
+    help="Shards of a .weights.json output, as Keras' max_shard_size (default 5 GB).",
+)
 def combine(
     checkpoints: tuple[str, ...],
     output: str,
@@ -166,6 +174,7 @@ def combine(
     allow_nonfinite: bool,
     drop_optimizer: bool,
     quantized: str,
+    max_shard_gb: float | None,
 ) -> None:
     """Average CHECKPOINTS (one training run's last epochs) into one checkpoint.
 
@@ -202,6 +211,7 @@ def combine(
             progress=progress,
             quantized=quantized,
             on_ready=on_ready,
+            max_shard_gb=max_shard_gb,
         )
     for warning in summary.warnings[len(shown) :]:  # found while averaging (one run?)
         _warn(warning)

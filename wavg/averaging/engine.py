@@ -41,8 +41,10 @@ from wavg.formats.registry import (
     Checkpoint,
     Tensor,
     check_output,
+    check_output_name,
     expand_checkpoint_dirs,
     open_checkpoint,
+    open_output,
     staged_output,
 )
 from wavg.storage.atomic import check_output_parent
@@ -168,6 +170,7 @@ def combine(
     dry_run: bool = False,
     progress: Progress | None = None,
     quantized: str = "refuse",
+    max_shard_gb: float | None = None,
 ) -> CombineSummary:
     """Average checkpoint files into `out` and return a summary.
 
@@ -180,6 +183,11 @@ def combine(
     ``"requantize"``: then int8/int4 kernels are dequantized, averaged and quantized again
     exactly as Keras would (see `wavg.averaging.quantized`).
 
+    An `out` ending in ``.weights.json`` from any input whose weights are Keras 3's tree
+    (``.weights.h5``, ``.keras``, unzipped folders, sharded) is sharded weights, cut as
+    Keras' ``save_weights(out, max_shard_size=max_shard_gb)`` cuts them (5 GB by default;
+    sharded inputs keep their own shards unless `max_shard_gb` is given).
+
     >>> combine(["model_498.h5", "model_499.h5"], "avg.h5", scheme="exp", alpha=2)  # doctest: +SKIP
     """
     plan = plan_combine(paths, scheme=scheme, alpha=alpha, weights=weights, order=order, last=last)
@@ -191,6 +199,7 @@ def combine(
         dry_run=dry_run,
         progress=progress,
         quantized=quantized,
+        max_shard_gb=max_shard_gb,
     )
 
 
@@ -205,6 +214,7 @@ def run_plan(
     on_ready: Callable[[CombineSummary], None] | None = None,
     block_items: int = BLOCK_ITEMS,
     quantized: str = "refuse",
+    max_shard_gb: float | None = None,
 ) -> CombineSummary:
     """Carry out a `CombinePlan` (see `combine`).
 
@@ -224,7 +234,7 @@ def run_plan(
             _open_inputs(plan.inputs, inputs, keep_open=kept_open > 0)
             newest = inputs[-1]
             requantizer = plan_quantized(inputs, plan.raw_weights, quantized, block_items)
-            _check_compatible(inputs, out_path)
+            _check_compatible(inputs, out_path, max_shard_gb)
             check_output(out_location, newest)
             if requantizer is not None:
                 mark_written(newest, requantizer)
@@ -261,6 +271,7 @@ def run_plan(
                     progress,
                     block_items,
                     requantizer,
+                    max_shard_gb,
                 )
         finally:
             for ckpt in inputs:
@@ -329,7 +340,7 @@ def _refuse_output_among_inputs(out: Location, inputs: list[Location]) -> None:
             raise UsageError(f"output {out} is the input {path}; inputs are never overwritten")
 
 
-def _check_compatible(inputs: list[Checkpoint], out: Path) -> None:
+def _check_compatible(inputs: list[Checkpoint], out: Path, max_shard_gb: float | None) -> None:
     """All inputs share the newest's format and averaged tensors (names, shapes, dtypes)."""
     newest = inputs[-1]
     for ckpt in inputs[:-1]:
@@ -339,13 +350,7 @@ def _check_compatible(inputs: list[Checkpoint], out: Path) -> None:
                 f"is in {ckpt.layout.name} format but {newest.path} is in {newest.layout.name} "
                 "format; all inputs must share one format",
             )
-    if not newest.layout.accepts_output(out.name):
-        wanted = " or ".join(newest.layout.suffixes)
-        raise UsageError(
-            f"output {out} must end in {wanted} for {newest.layout.name} inputs (Keras picks "
-            "the format from the name)"
-        )
-    newest.check_output(out)
+    check_output_name(newest, out, max_shard_gb)
     expected = {n: t for n, t in newest.tensors.items() if t.averaged}
     for ckpt in inputs[:-1]:
         ckpt.check_matches(newest)
@@ -385,6 +390,7 @@ def _write_average(
     progress: Progress | None,
     block_items: int,
     requantizer: Requantizer | None = None,
+    max_shard_gb: float | None = None,
 ) -> None:
     newest = inputs[-1]
     layout = newest.layout
@@ -394,7 +400,7 @@ def _write_average(
         return not layout.is_optimizer(name)
 
     try:
-        with newest.output(out, keep if drop_optimizer else None) as writer:
+        with open_output(newest, out, keep if drop_optimizer else None, max_shard_gb) as writer:
             for ckpt, _ in averager.members:
                 ckpt.will_read(writer.order, len(averager.members))
             tensors = [newest.tensors[name] for name in writer.order]

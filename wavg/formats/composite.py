@@ -117,6 +117,10 @@ class CompositeCheckpoint(Checkpoint):
         files = [*self._extra_files, *(part.file for _, part in parts)]
         self.file = PartFiles(self.path, files, parts_open)
 
+    def part_of(self, name: str) -> H5Checkpoint:
+        """The part holding tensor `name` (its HDF5 object is there)."""
+        return self._owner[name]
+
     def read(
         self, tensor: Tensor, start: int, count: int, slices: tuple[slice, ...], scratch: np.ndarray
     ) -> np.ndarray:

@@ -21,6 +21,7 @@ from typing import Any
 from wavg.errors import CheckpointError, UsageError
 from wavg.formats.base import Checkpoint, Tensor, Writer, iter_blocks
 from wavg.formats.orbax import steps as orbax_steps
+from wavg.storage.atomic import check_output_dir
 from wavg.storage.bytesource import ByteSource
 from wavg.storage.local import InputFile
 from wavg.storage.locations import Location, Url, as_location
@@ -32,10 +33,12 @@ __all__ = [
     "Tensor",
     "Writer",
     "check_output",
+    "check_output_name",
     "expand_checkpoint_dirs",
     "iter_blocks",
     "local_copies",
     "open_checkpoint",
+    "open_output",
     "open_source",
     "recognise",
     "staged_output",
@@ -328,3 +331,35 @@ def check_output(out: Location, newest: Checkpoint) -> None:
             f"{out}: writing {newest.layout.name} output to object storage "
             "is not supported yet; write it to a local directory"
         )
+
+
+def check_output_name(newest: Checkpoint, out: Path, max_shard_gb: float | None) -> None:
+    """Refuse an output name Keras would not load as `newest`'s format, or as sharded weights
+    cut from it (a ``.weights.json`` from any input whose weights are Keras 3's tree), and
+    `max_shard_gb` for any other output; then the format's own `Checkpoint.check_output`."""
+    from wavg.formats.sharded.reshard import writes_as_shards
+
+    if writes_as_shards(newest, out.name, max_shard_gb):
+        check_output_dir(out)
+        return
+    if max_shard_gb is not None:
+        raise UsageError(f"--max-shard-size applies only to a .weights.json output, not {out}")
+    if not newest.layout.accepts_output(out.name):
+        wanted = " or ".join(newest.layout.suffixes)
+        raise UsageError(
+            f"output {out} must end in {wanted} for {newest.layout.name} inputs (Keras picks "
+            "the format from the name)"
+        )
+    newest.check_output(out)
+
+
+def open_output(
+    newest: Checkpoint, out: Path, keep: Callable[[str], bool] | None, max_shard_gb: float | None
+) -> contextlib.AbstractContextManager[Writer]:
+    """The writer of the output at `out` (see `Checkpoint.output`): `newest`'s own format, or
+    its weights cut into Keras shards when `check_output_name` found a sharded output."""
+    from wavg.formats.sharded.reshard import resharded_output, writes_as_shards
+
+    if writes_as_shards(newest, out.name, max_shard_gb):
+        return resharded_output(newest, out, keep, max_shard_gb)
+    return newest.output(out, keep)
