@@ -161,6 +161,13 @@ def needs_extra(extra: str) -> Callable[[Callable[..., object]], Callable[..., o
     metavar="GB",
     help="Shards of a .weights.json output, as Keras' max_shard_size (default 5 GB).",
 )
+@click.option(
+    "--part",
+    "part_text",
+    metavar="I/N",
+    default=None,
+    help="Write only part I of N of a .weights.json output; then run wavg commit.",
+)
 def combine(
     checkpoints: tuple[str, ...],
     output: str,
@@ -175,6 +182,7 @@ def combine(
     drop_optimizer: bool,
     quantized: str,
     max_shard_gb: float | None,
+    part_text: str | None,
 ) -> None:
     """Average CHECKPOINTS (one training run's last epochs) into one checkpoint.
 
@@ -187,6 +195,7 @@ def combine(
     if alpha is not None and scheme != "exp":
         raise UsageError("--alpha applies only to --scheme exp")
     weights = parse_weight_list(weight_list) if weight_list is not None else None
+    part = _parse_part(part_text) if part_text is not None else None
     plan = plan_combine(
         checkpoints,
         scheme=scheme or "equal",
@@ -212,6 +221,7 @@ def combine(
             quantized=quantized,
             on_ready=on_ready,
             max_shard_gb=max_shard_gb,
+            part=part,
         )
     for warning in summary.warnings[len(shown) :]:  # found while averaging (one run?)
         _warn(warning)
@@ -228,11 +238,43 @@ def combine(
             if summary.requantized_layers
             else ""
         )
+        part_of = f"part {summary.part} of " if summary.part else ""
         click.echo(
-            f"wrote {summary.output} ({summary.format}, {summary.tensors} tensors averaged"
+            f"wrote {part_of}{summary.output} ({summary.format}, {summary.tensors} tensors averaged"
             f"{requantized}, "
             f"{summary.copied_tensors} copied, {_size(summary.bytes_written)}) "
             f"in {summary.seconds:.2f} s"
+        )
+
+
+def _parse_part(text: str) -> tuple[int, int]:
+    from wavg.averaging.partition import parse_part
+
+    try:
+        return parse_part(text)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+@cli.command()
+@click.argument("output", type=click.Path(path_type=str))
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
+def commit(output: str, as_json: bool) -> None:
+    """Join the N parts that `wavg combine --part I/N -o OUTPUT` wrote into OUTPUT.
+
+    \b
+    Example:
+      wavg commit avg.weights.json
+    """
+    from wavg.averaging.partition import commit as commit_parts
+
+    summary = commit_parts(output)
+    if as_json:
+        click.echo(json.dumps(summary.to_json(), indent=2))
+    else:
+        click.echo(
+            f"committed {summary.output} ({summary.parts} parts, {summary.shards} shards, "
+            f"{_size(summary.bytes_written)}) in {summary.seconds:.2f} s"
         )
 
 

@@ -22,12 +22,14 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from wavg._runtime import signals_held
 from wavg.averaging.onerun import distance_warnings
 from wavg.averaging.ordering import epoch_numbers, order_checkpoints
+from wavg.averaging.partition import split_by_bytes
 from wavg.averaging.quantized import Requantizer, check_policy, mark_written, plan_quantized
 from wavg.averaging.schemes import DEFAULT_ALPHA, raw_weights
 from wavg.errors import (
@@ -43,11 +45,16 @@ from wavg.formats.registry import (
     check_output,
     check_output_name,
     expand_checkpoint_dirs,
+    input_versions,
     open_checkpoint,
     open_output,
+    part_run,
     staged_output,
 )
 from wavg.storage.atomic import check_output_parent
+
+if TYPE_CHECKING:
+    from wavg.formats.sharded.parts import PartRun
 from wavg.storage.descriptors import OPEN_FILES
 from wavg.storage.globs import expand_inputs
 from wavg.storage.locations import Location, as_location, identity_key
@@ -109,6 +116,7 @@ class CombineSummary:
     requantized_layers: int = 0  # quantized layers averaged and requantized
     bytes_fetched: int = 0  # from object storage (0 for local inputs)
     requests: int = 0  # requests made to object storage
+    part: str | None = None  # "I/N" when only part I of N was written (--part)
 
     def to_json(self) -> dict:
         """A JSON-ready dict; the schema is documented in the README and kept stable."""
@@ -171,6 +179,7 @@ def combine(
     progress: Progress | None = None,
     quantized: str = "refuse",
     max_shard_gb: float | None = None,
+    part: tuple[int, int] | None = None,
 ) -> CombineSummary:
     """Average checkpoint files into `out` and return a summary.
 
@@ -186,7 +195,8 @@ def combine(
     An `out` ending in ``.weights.json`` from any input whose weights are Keras 3's tree
     (``.weights.h5``, ``.keras``, unzipped folders, sharded) is sharded weights, cut as
     Keras' ``save_weights(out, max_shard_size=max_shard_gb)`` cuts them (5 GB by default;
-    sharded inputs keep their own shards unless `max_shard_gb` is given).
+    sharded inputs keep their own shards unless `max_shard_gb` is given). With `part`
+    ``(I, N)`` only part I's shards are written (see `run_plan`).
 
     >>> combine(["model_498.h5", "model_499.h5"], "avg.h5", scheme="exp", alpha=2)  # doctest: +SKIP
     """
@@ -200,6 +210,7 @@ def combine(
         progress=progress,
         quantized=quantized,
         max_shard_gb=max_shard_gb,
+        part=part,
     )
 
 
@@ -215,15 +226,21 @@ def run_plan(
     block_items: int = BLOCK_ITEMS,
     quantized: str = "refuse",
     max_shard_gb: float | None = None,
+    part: tuple[int, int] | None = None,
 ) -> CombineSummary:
     """Carry out a `CombinePlan` (see `combine`).
 
     `on_ready` is called once every input has been opened and checked, before anything is
     written (the CLI prints its plan table there, so a bad input prints only its error).
+
+    `part` ``(I, N)`` writes only part I's shards of a sharded ``.weights.json`` output and
+    its record (`wavg.averaging.partition`); `commit_parts` joins the N parts afterwards.
     """
     started = time.perf_counter()
     out_location = as_location(out)
     check_policy(quantized)
+    if part is not None and quantized != "refuse":
+        raise UsageError("--quantized requantize cannot be combined with --part or --dask")
     _refuse_output_among_inputs(out_location, plan.inputs)
     inputs: list[Checkpoint] = []  # filled as they open, so a failure closes those opened
     with staged_output(out_location) as out_path:
@@ -234,7 +251,7 @@ def run_plan(
             _open_inputs(plan.inputs, inputs, keep_open=kept_open > 0)
             newest = inputs[-1]
             requantizer = plan_quantized(inputs, plan.raw_weights, quantized, block_items)
-            _check_compatible(inputs, out_path, max_shard_gb)
+            _check_compatible(inputs, out_path, max_shard_gb, part is not None)
             check_output(out_location, newest)
             if requantizer is not None:
                 mark_written(newest, requantizer)
@@ -255,6 +272,7 @@ def run_plan(
                 dry_run=dry_run,
                 dropped_optimizer=drop_optimizer,
                 requantized_layers=requantizer.layers if requantizer is not None else 0,
+                part=f"{part[0]}/{part[1]}" if part is not None else None,
             )
             summary.warnings.extend(plan.warnings)
             summary.warnings.extend(_copied_weight_warnings(newest))
@@ -272,6 +290,7 @@ def run_plan(
                     block_items,
                     requantizer,
                     max_shard_gb,
+                    _part_run(part, plan, inputs, drop_optimizer, allow_nonfinite),
                 )
         finally:
             for ckpt in inputs:
@@ -281,6 +300,26 @@ def run_plan(
         summary.requests = sum(c.file.requests for c in inputs)
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _part_run(
+    part: tuple[int, int] | None,
+    plan: CombinePlan,
+    inputs: list[Checkpoint],
+    drop_optimizer: bool,
+    allow_nonfinite: bool,
+) -> PartRun | None:
+    """What part `part` writes, with the plan every part must share: the inputs at their
+    stored versions, the weights and the options that change the output."""
+    if part is None:
+        return None
+    shared = {
+        "inputs": [input_versions(ckpt) for ckpt in inputs],
+        "weights": list(plan.raw_weights),
+        "drop_optimizer": drop_optimizer,
+        "allow_nonfinite": allow_nonfinite,
+    }
+    return part_run(part[0], part[1], shared, split_by_bytes)
 
 
 def _open_inputs(paths: list, opened: list[Checkpoint], keep_open: bool) -> None:
@@ -340,7 +379,9 @@ def _refuse_output_among_inputs(out: Location, inputs: list[Location]) -> None:
             raise UsageError(f"output {out} is the input {path}; inputs are never overwritten")
 
 
-def _check_compatible(inputs: list[Checkpoint], out: Path, max_shard_gb: float | None) -> None:
+def _check_compatible(
+    inputs: list[Checkpoint], out: Path, max_shard_gb: float | None, parted: bool = False
+) -> None:
     """All inputs share the newest's format and averaged tensors (names, shapes, dtypes)."""
     newest = inputs[-1]
     for ckpt in inputs[:-1]:
@@ -350,7 +391,7 @@ def _check_compatible(inputs: list[Checkpoint], out: Path, max_shard_gb: float |
                 f"is in {ckpt.layout.name} format but {newest.path} is in {newest.layout.name} "
                 "format; all inputs must share one format",
             )
-    check_output_name(newest, out, max_shard_gb)
+    check_output_name(newest, out, max_shard_gb, parted)
     expected = {n: t for n, t in newest.tensors.items() if t.averaged}
     for ckpt in inputs[:-1]:
         ckpt.check_matches(newest)
@@ -391,6 +432,7 @@ def _write_average(
     block_items: int,
     requantizer: Requantizer | None = None,
     max_shard_gb: float | None = None,
+    part: PartRun | None = None,
 ) -> None:
     newest = inputs[-1]
     layout = newest.layout
@@ -400,7 +442,8 @@ def _write_average(
         return not layout.is_optimizer(name)
 
     try:
-        with open_output(newest, out, keep if drop_optimizer else None, max_shard_gb) as writer:
+        keeping = keep if drop_optimizer else None
+        with open_output(newest, out, keeping, max_shard_gb, part) as writer:
             for ckpt, _ in averager.members:
                 ckpt.will_read(writer.order, len(averager.members))
             tensors = [newest.tensors[name] for name in writer.order]

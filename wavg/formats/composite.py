@@ -46,6 +46,10 @@ class PartFiles:
             file.keep_open = value and self._parts_open
 
     @property
+    def files(self) -> list[ByteSource]:
+        return list(self._files)
+
+    @property
     def bytes_fetched(self) -> int:
         return sum(file.bytes_fetched for file in self._files)
 
