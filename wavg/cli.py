@@ -168,6 +168,13 @@ def needs_extra(extra: str) -> Callable[[Callable[..., object]], Callable[..., o
     default=None,
     help="Write only part I of N of a .weights.json output; then run wavg commit.",
 )
+@click.option(
+    "--dask",
+    "dask_address",
+    metavar="ADDRESS",
+    default=None,
+    help="Run the parts on a Dask cluster (tcp://HOST:PORT, or local:K workers) and commit.",
+)
 def combine(
     checkpoints: tuple[str, ...],
     output: str,
@@ -183,6 +190,7 @@ def combine(
     quantized: str,
     max_shard_gb: float | None,
     part_text: str | None,
+    dask_address: str | None,
 ) -> None:
     """Average CHECKPOINTS (one training run's last epochs) into one checkpoint.
 
@@ -210,19 +218,36 @@ def combine(
         shown.extend(summary.warnings)
         _render_plan(plan, summary.warnings)
 
-    with _progress_bar() as progress:
-        summary = run_plan(
-            plan,
-            output,
-            allow_nonfinite=allow_nonfinite,
-            drop_optimizer=drop_optimizer,
-            dry_run=dry_run,
-            progress=progress,
-            quantized=quantized,
-            on_ready=on_ready,
-            max_shard_gb=max_shard_gb,
-            part=part,
-        )
+    if dask_address is not None and part is not None:
+        raise UsageError("give either --dask or --part, not both")
+    if dask_address is not None and not dry_run:
+        from wavg.averaging.distributed import combine_on_dask
+
+        with _progress_bar("parts") as progress:
+            summary = combine_on_dask(
+                plan,
+                output,
+                dask_address,
+                allow_nonfinite=allow_nonfinite,
+                drop_optimizer=drop_optimizer,
+                max_shard_gb=max_shard_gb,
+                progress=progress,
+                on_ready=on_ready,
+            )
+    else:
+        with _progress_bar() as progress:
+            summary = run_plan(
+                plan,
+                output,
+                allow_nonfinite=allow_nonfinite,
+                drop_optimizer=drop_optimizer,
+                dry_run=dry_run,
+                progress=progress,
+                quantized=quantized,
+                on_ready=on_ready,
+                max_shard_gb=max_shard_gb,
+                part=part or ((1, 1) if dask_address is not None else None),
+            )
     for warning in summary.warnings[len(shown) :]:  # found while averaging (one run?)
         _warn(warning)
     if as_json:
@@ -353,17 +378,26 @@ def _warn(warning: str) -> None:
 
 
 @contextlib.contextmanager
-def _progress_bar() -> Iterator[Callable[[int, int], None] | None]:
-    """A progress bar on stderr, only on a terminal and only for work worth watching."""
+def _progress_bar(unit: str = "bytes") -> Iterator[Callable[[int, int], None] | None]:
+    """A progress bar on stderr, only on a terminal and only for work worth watching; in
+    bytes, or in parts done (a --dask run, fed by task completion)."""
     if not _on_terminal() or not _stderr().is_terminal:
         yield None
         return
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
+    parts = unit == "parts"
     with Progress(
-        TextColumn("averaging"),
+        TextColumn("averaging parts" if parts else "averaging"),
         BarColumn(),
-        DownloadColumn(),
+        MofNCompleteColumn() if parts else DownloadColumn(),
         TimeRemainingColumn(),
         console=_stderr(),
         transient=True,
@@ -372,7 +406,7 @@ def _progress_bar() -> Iterator[Callable[[int, int], None] | None]:
 
         def update(done: int, total: int) -> None:
             nonlocal task
-            if total < PROGRESS_MIN_BYTES:
+            if total < PROGRESS_MIN_BYTES and not parts:
                 return
             if task is None:
                 task = bar.add_task("averaging", total=total)

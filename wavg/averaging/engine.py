@@ -126,6 +126,8 @@ class CombineSummary:
             for p, e, w in zip(self.inputs, self.epochs, self.weights, strict=True)
         ]
         del data["epochs"], data["weights"]
+        if self.part is None:  # only a --part run says which part it wrote
+            del data["part"]
         data["output"] = str(self.output)
         data["seconds"] = round(self.seconds, 6)
         return data
