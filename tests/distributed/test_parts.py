@@ -134,6 +134,14 @@ def test_a_missing_part_is_refused_naming_it(files, previous, capfd):
     assert_refused(out, state, capfd, "part 2/3", "missing")
 
 
+def test_records_of_an_abandoned_run_of_another_n_do_not_block_the_commit(files, tmp_path):
+    out = tmp_path / "avg.weights.json"
+    parts_written(files, out, (1, 2), 3)  # abandoned
+    parts_written(files, out, (1, 2), 2)
+    assert wavg.commit(out).parts == 2
+    assert not [p for p in tmp_path.iterdir() if ".wavg-part-" in p.name]
+
+
 def test_a_part_of_another_input_set_is_refused_naming_it(files, previous, capfd):
     out, state = previous
     parts_written(files, out, (1, 3), 3)

@@ -121,6 +121,7 @@ def part_output(
     target = target_for(out)
     target.check_file()
     _remove_dead_temps(target, run.index)
+    _remove_other_runs(target, run.count)
     temps: list[str] = []
     try:
         paths = []
@@ -158,6 +159,16 @@ def part_output(
     finally:
         for temp in temps:
             target.delete(temp)
+
+
+def _remove_other_runs(target: Target, count: int) -> None:
+    """The records of a run of another number of parts for this output: one distributed
+    run per output at a time, and an abandoned one must not block the commit of this one."""
+    pattern = _record_pattern(target.name)
+    for entry in target.entries():
+        found = pattern.fullmatch(entry)
+        if found and int(found[2]) != count:
+            target.delete(entry)
 
 
 def _remove_dead_temps(target: Target, index: int) -> None:
