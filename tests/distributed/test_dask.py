@@ -36,10 +36,12 @@ def files(tmp_path_factory, keras_module):
     return k3.save_run(tmp_path_factory.mktemp("k3"))
 
 
-def single(inputs, directory):
+def single(inputs, directory, summaries=None):
     out = directory / "single" / "avg.weights.json"
     out.parent.mkdir()
-    wavg.combine(inputs, out, max_shard_gb=2e-6)
+    summary = wavg.combine(inputs, out, max_shard_gb=2e-6)
+    if summaries is not None:
+        summaries.append(summary)
     return hm.sharded_tensors(out)
 
 
@@ -65,7 +67,13 @@ def test_a_dask_run_equals_the_single_process_output(fmt, parts, files, cluster,
     count = parts or 2  # one part per worker thread by default
     assert done[-1] == (count, count) and len(done) == count
     assert not summary.dry_run and summary.part is None and summary.bytes_read > 0
-    assert_same_tensors(hm.sharded_tensors(out), single(files[fmt], tmp_path))
+    local: list = []
+    assert_same_tensors(hm.sharded_tensors(out), single(files[fmt], tmp_path, local))
+    # The same summary as a local run: the same keys, inputs, weights and counts.
+    mine, theirs = summary.to_json(), local[0].to_json()
+    assert mine.keys() == theirs.keys()
+    for key in ("inputs", "scheme", "format", "tensors", "copied_tensors", "bytes_read"):
+        assert mine[key] == theirs[key], key
     assert {p.name for p in tmp_path.iterdir()} == {
         "single",
         out.name,
