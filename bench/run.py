@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import checkpoints
+import distributed
 import executable
 import measure
 import orbax_rss
@@ -186,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
             notes.append(
                 sharded.run(ctx.wavg, args.out, results_dir, args.quick, ctx.budget_s, args.keep)
             )
-        if run_remote:  # object storage: see remote_workload.py
+        if run_remote:  # object storage: see remote_workload.py and distributed.py
+            notes += distributed.run(args.out, ctx.wavg, keep=True)  # the same checkpoints
             notes += remote_workload.run(args.out, ctx.wavg, args.keep)
     except KeyboardInterrupt:
         notes.append("run interrupted: cells after the last row were not measured")

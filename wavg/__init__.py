@@ -4,6 +4,8 @@ Public API (the CLI is a thin layer over these):
 
 - `combine(paths, out, scheme=..., alpha=..., weights=...)` averages checkpoint files into one
   (`paths`: a list of names, or one path or quoted glob such as ``"ckpt/model_49*.h5"``);
+- `combine(..., part=(I, N))` / `commit(out)` write a sharded output in N independent parts,
+  then join them (see docs/distributed.md);
 - `plan_combine(...)` orders the files and computes the weights without reading any data;
 - `scheme_weights(n, scheme, alpha)` gives the normalised weights of a scheme;
 - `order_checkpoints(paths, order, last)` puts files oldest first by the epoch in their names.
@@ -22,6 +24,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from wavg.averaging.engine import CombinePlan, CombineSummary, combine, plan_combine, run_plan
     from wavg.averaging.ordering import order_checkpoints
+    from wavg.averaging.partition import CommitSummary, commit
     from wavg.averaging.schemes import scheme_weights
     from wavg.errors import WavgError
 
@@ -35,6 +38,8 @@ _HOMES = {
     "combine": "wavg.averaging.engine",
     "plan_combine": "wavg.averaging.engine",
     "run_plan": "wavg.averaging.engine",
+    "commit": "wavg.averaging.partition",
+    "CommitSummary": "wavg.averaging.partition",
     "WavgError": "wavg.errors",
     "order_checkpoints": "wavg.averaging.ordering",
     "scheme_weights": "wavg.averaging.schemes",
@@ -71,8 +76,10 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "CombinePlan",
     "CombineSummary",
+    "CommitSummary",
     "WavgError",
     "combine",
+    "commit",
     "order_checkpoints",
     "plan_combine",
     "run_plan",

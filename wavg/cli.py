@@ -219,6 +219,28 @@ def needs_extra(extra: str) -> Callable[[Callable[..., object]], Callable[..., o
     show_default=True,
     help="Quantized (int8/int4) inputs: refuse them, or dequantize, average and requantize.",
 )
+@click.option(
+    "--max-shard-size",
+    "max_shard_gb",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    metavar="GB",
+    help="Shards of a .weights.json output, as Keras' max_shard_size (default 5 GB).",
+)
+@click.option(
+    "--part",
+    "part_text",
+    metavar="I/N",
+    default=None,
+    help="Write only part I of N of a .weights.json output; then run wavg commit.",
+)
+@click.option(
+    "--dask",
+    "dask_address",
+    metavar="ADDRESS",
+    default=None,
+    help="Run the parts on a Dask cluster (tcp://HOST:PORT, or local:K workers) and commit.",
+)
 @quiet_option
 def combine(
     checkpoints: tuple[str, ...],
@@ -233,6 +255,9 @@ def combine(
     allow_nonfinite: bool,
     drop_optimizer: bool,
     quantized: str,
+    max_shard_gb: float | None,
+    part_text: str | None,
+    dask_address: str | None,
     quiet: bool,
 ) -> None:
     """Average CHECKPOINTS (one training run's last epochs) into one checkpoint.
@@ -250,6 +275,7 @@ def combine(
     if alpha is not None and scheme != "exp":
         raise UsageError("--alpha applies only to --scheme exp")
     weights = parse_weight_list(weight_list) if weight_list is not None else None
+    part = _parse_part(part_text) if part_text is not None else None
     plan = plan_combine(
         checkpoints,
         scheme=scheme or "equal",
@@ -273,17 +299,36 @@ def combine(
                 f"{plan.inputs[0]} unchanged; pass two or more to average them"
             )
 
-    with _progress_bar(enabled=not quiet) as progress:
-        summary = run_plan(
-            plan,
-            output,
-            allow_nonfinite=allow_nonfinite,
-            drop_optimizer=drop_optimizer,
-            dry_run=dry_run,
-            progress=progress,
-            quantized=quantized,
-            on_ready=on_ready,
-        )
+    if dask_address is not None and part is not None:
+        raise UsageError("give either --dask or --part, not both")
+    if dask_address is not None and not dry_run:
+        from wavg.averaging.distributed import combine_on_dask
+
+        with _progress_bar(enabled=not quiet, unit="parts") as progress:
+            summary = combine_on_dask(
+                plan,
+                output,
+                dask_address,
+                allow_nonfinite=allow_nonfinite,
+                drop_optimizer=drop_optimizer,
+                max_shard_gb=max_shard_gb,
+                progress=progress,
+                on_ready=on_ready,
+            )
+    else:
+        with _progress_bar(enabled=not quiet) as progress:
+            summary = run_plan(
+                plan,
+                output,
+                allow_nonfinite=allow_nonfinite,
+                drop_optimizer=drop_optimizer,
+                dry_run=dry_run,
+                progress=progress,
+                quantized=quantized,
+                on_ready=on_ready,
+                max_shard_gb=max_shard_gb,
+                part=part or ((1, 1) if dask_address is not None else None),
+            )
     for warning in summary.warnings[len(shown) :]:  # found while averaging (one run?)
         _warn(warning)
     written = None if dry_run else str(summary.output)
@@ -303,12 +348,46 @@ def combine(
             if summary.requantized_layers
             else ""
         )
+        part_of = f"part {summary.part} of " if summary.part else ""
         _result(
-            f"wrote {summary.output} ({summary.format}, {summary.tensors} tensors averaged"
+            f"wrote {part_of}{summary.output} ({summary.format}, {summary.tensors} tensors averaged"
             f"{requantized}, "
             f"{summary.copied_tensors} copied, {_size(summary.bytes_written)}) "
             f"in {summary.seconds:.2f} s",
             written,
+        )
+
+
+def _parse_part(text: str) -> tuple[int, int]:
+    from wavg.averaging.partition import parse_part
+
+    try:
+        return parse_part(text)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+@cli.command(short_help="Join the parts of a --part run into one sharded output.")
+@click.argument("output", type=click.Path(path_type=str))
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
+@quiet_option
+def commit(output: str, as_json: bool, quiet: bool) -> None:
+    """Join the N parts that `wavg combine --part I/N -o OUTPUT` wrote into OUTPUT.
+
+    \b
+    Example:
+      wavg commit avg.weights.json
+    """
+    from wavg.averaging.partition import commit as commit_parts
+
+    summary = commit_parts(output)
+    if as_json:
+        _result(json.dumps(summary.to_json(), indent=2), str(summary.output))
+    elif not quiet:
+        _result(
+            f"committed {summary.output} ({summary.parts} parts, {summary.shards} shards, "
+            f"{_size(summary.bytes_written)}) in {summary.seconds:.2f} s",
+            str(summary.output),
         )
 
 
@@ -392,17 +471,28 @@ def _warn(warning: str) -> None:
 
 
 @contextlib.contextmanager
-def _progress_bar(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
-    """A progress bar on stderr, only on a terminal and only for work worth watching."""
+def _progress_bar(
+    enabled: bool, unit: str = "bytes"
+) -> Iterator[Callable[[int, int], None] | None]:
+    """A progress bar on stderr, only on a terminal and only for work worth watching; in
+    bytes, or in parts done (a --dask run, fed by task completion)."""
     if not enabled or not _on_terminal() or not _stderr().is_terminal:
         yield None
         return
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
+    parts = unit == "parts"
     with Progress(
-        TextColumn("averaging"),
+        TextColumn("averaging parts" if parts else "averaging"),
         BarColumn(),
-        DownloadColumn(),
+        MofNCompleteColumn() if parts else DownloadColumn(),
         TimeRemainingColumn(),
         console=_stderr(),
         transient=True,
@@ -411,7 +501,7 @@ def _progress_bar(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
 
         def update(done: int, total: int) -> None:
             nonlocal task
-            if total < PROGRESS_MIN_BYTES:
+            if total < PROGRESS_MIN_BYTES and not parts:
                 return
             if task is None:
                 task = bar.add_task("averaging", total=total)

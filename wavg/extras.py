@@ -27,6 +27,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "s3": ("fsspec", "s3fs"),
     "gcs": ("fsspec", "gcsfs"),
     "orbax": ("tensorstore",),
+    "dask": ("dask", "distributed"),
 }
 # Keras backends: the module Keras imports for each, and the pip install that brings it.
 _BACKEND_MODULES = {

@@ -22,12 +22,14 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from wavg._runtime import signals_held
 from wavg.averaging.onerun import distance_warnings
 from wavg.averaging.ordering import epoch_numbers, order_checkpoints
+from wavg.averaging.partition import split_by_bytes
 from wavg.averaging.quantized import Requantizer, check_policy, mark_written, plan_quantized
 from wavg.averaging.schemes import DEFAULT_ALPHA, raw_weights
 from wavg.errors import (
@@ -41,11 +43,18 @@ from wavg.formats.registry import (
     Checkpoint,
     Tensor,
     check_output,
+    check_output_name,
     expand_checkpoint_dirs,
+    input_versions,
     open_checkpoint,
+    open_output,
+    part_run,
     staged_output,
 )
 from wavg.storage.atomic import check_output_parent
+
+if TYPE_CHECKING:
+    from wavg.formats.sharded.parts import PartRun
 from wavg.storage.descriptors import OPEN_FILES
 from wavg.storage.globs import expand_inputs
 from wavg.storage.locations import Location, as_location, identity_key
@@ -107,6 +116,7 @@ class CombineSummary:
     requantized_layers: int = 0  # quantized layers averaged and requantized
     bytes_fetched: int = 0  # from object storage (0 for local inputs)
     requests: int = 0  # requests made to object storage
+    part: str | None = None  # "I/N" when only part I of N was written (--part)
 
     def to_json(self) -> dict:
         """A JSON-ready dict; the schema is documented in docs/json.md and kept stable."""
@@ -116,6 +126,8 @@ class CombineSummary:
             for p, e, w in zip(self.inputs, self.epochs, self.weights, strict=True)
         ]
         del data["epochs"], data["weights"]
+        if self.part is None:  # only a --part run says which part it wrote
+            del data["part"]
         data["output"] = str(self.output)
         data["seconds"] = round(self.seconds, 6)
         return data
@@ -171,6 +183,8 @@ def combine(
     dry_run: bool = False,
     progress: Progress | None = None,
     quantized: str = "refuse",
+    max_shard_gb: float | None = None,
+    part: tuple[int, int] | None = None,
 ) -> CombineSummary:
     """Average checkpoint files into `out` and return a summary.
 
@@ -185,6 +199,12 @@ def combine(
 
     `paths` as in `plan_combine`: a list, or one path or quoted glob.
 
+    An `out` ending in ``.weights.json`` from any input whose weights are Keras 3's tree
+    (``.weights.h5``, ``.keras``, unzipped folders, sharded) is sharded weights, cut as
+    Keras' ``save_weights(out, max_shard_size=max_shard_gb)`` cuts them (5 GB by default;
+    sharded inputs keep their own shards unless `max_shard_gb` is given). With `part`
+    ``(I, N)`` only part I's shards are written (see `run_plan`).
+
     >>> combine(["model_498.h5", "model_499.h5"], "avg.h5", scheme="exp", alpha=2)  # doctest: +SKIP
     >>> combine("ckpt/model_49*.h5", "avg.h5")  # doctest: +SKIP
     """
@@ -197,6 +217,8 @@ def combine(
         dry_run=dry_run,
         progress=progress,
         quantized=quantized,
+        max_shard_gb=max_shard_gb,
+        part=part,
     )
 
 
@@ -211,15 +233,22 @@ def run_plan(
     on_ready: Callable[[CombineSummary], None] | None = None,
     block_items: int = BLOCK_ITEMS,
     quantized: str = "refuse",
+    max_shard_gb: float | None = None,
+    part: tuple[int, int] | None = None,
 ) -> CombineSummary:
     """Carry out a `CombinePlan` (see `combine`).
 
     `on_ready` is called once every input has been opened and checked, before anything is
     written (the CLI prints its plan table there, so a bad input prints only its error).
+
+    `part` ``(I, N)`` writes only part I's shards of a sharded ``.weights.json`` output and
+    its record (`wavg.averaging.partition`); `commit_parts` joins the N parts afterwards.
     """
     started = time.perf_counter()
     out_location = as_location(out)
     check_policy(quantized)
+    if part is not None and quantized != "refuse":
+        raise UsageError("--quantized requantize cannot be combined with --part or --dask")
     _refuse_output_among_inputs(out_location, plan.inputs)
     inputs: list[Checkpoint] = []  # filled as they open, so a failure closes those opened
     with staged_output(out_location) as out_path:
@@ -230,7 +259,7 @@ def run_plan(
             _open_inputs(plan.inputs, inputs, keep_open=kept_open > 0)
             newest = inputs[-1]
             requantizer = plan_quantized(inputs, plan.raw_weights, quantized, block_items)
-            _check_compatible(inputs, out_path)
+            _check_compatible(inputs, out_path, max_shard_gb, part is not None)
             check_output(out_location, newest)
             if requantizer is not None:
                 mark_written(newest, requantizer)
@@ -251,6 +280,7 @@ def run_plan(
                 dry_run=dry_run,
                 dropped_optimizer=drop_optimizer,
                 requantized_layers=requantizer.layers if requantizer is not None else 0,
+                part=f"{part[0]}/{part[1]}" if part is not None else None,
             )
             summary.warnings.extend(plan.warnings)
             summary.warnings.extend(_copied_weight_warnings(newest))
@@ -267,6 +297,8 @@ def run_plan(
                     progress,
                     block_items,
                     requantizer,
+                    max_shard_gb,
+                    _part_run(part, plan, inputs, drop_optimizer, allow_nonfinite),
                 )
         finally:
             for ckpt in inputs:
@@ -276,6 +308,26 @@ def run_plan(
         summary.requests = sum(c.file.requests for c in inputs)
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _part_run(
+    part: tuple[int, int] | None,
+    plan: CombinePlan,
+    inputs: list[Checkpoint],
+    drop_optimizer: bool,
+    allow_nonfinite: bool,
+) -> PartRun | None:
+    """What part `part` writes, with the plan every part must share: the inputs at their
+    stored versions, the weights and the options that change the output."""
+    if part is None:
+        return None
+    shared = {
+        "inputs": [input_versions(ckpt) for ckpt in inputs],
+        "weights": list(plan.raw_weights),
+        "drop_optimizer": drop_optimizer,
+        "allow_nonfinite": allow_nonfinite,
+    }
+    return part_run(part[0], part[1], shared, split_by_bytes)
 
 
 def _open_inputs(paths: list, opened: list[Checkpoint], keep_open: bool) -> None:
@@ -335,17 +387,13 @@ def _refuse_output_among_inputs(out: Location, inputs: list[Location]) -> None:
             raise UsageError(f"output {out} is the input {path}; inputs are never overwritten")
 
 
-def _check_compatible(inputs: list[Checkpoint], out: Path) -> None:
+def _check_compatible(
+    inputs: list[Checkpoint], out: Path, max_shard_gb: float | None, parted: bool = False
+) -> None:
     """All inputs share the newest's format and averaged tensors (names, shapes, dtypes)."""
     newest = inputs[-1]
     _check_one_format(inputs)
-    if not newest.layout.accepts_output(out.name):
-        wanted = " or ".join(newest.layout.suffixes)
-        raise UsageError(
-            f"output {out} must end in {wanted} for {newest.layout.name} inputs (Keras picks "
-            "the format from the name)"
-        )
-    newest.check_output(out)
+    check_output_name(newest, out, max_shard_gb, parted)
     expected = {n: t for n, t in newest.tensors.items() if t.averaged}
     for ckpt in inputs[:-1]:
         ckpt.check_matches(newest)
@@ -410,6 +458,8 @@ def _write_average(
     progress: Progress | None,
     block_items: int,
     requantizer: Requantizer | None = None,
+    max_shard_gb: float | None = None,
+    part: PartRun | None = None,
 ) -> None:
     newest = inputs[-1]
     layout = newest.layout
@@ -419,7 +469,8 @@ def _write_average(
         return not layout.is_optimizer(name)
 
     try:
-        with newest.output(out, keep if drop_optimizer else None) as writer:
+        keeping = keep if drop_optimizer else None
+        with open_output(newest, out, keeping, max_shard_gb, part) as writer:
             for ckpt, _ in averager.members:
                 ckpt.will_read(writer.order, len(averager.members))
             tensors = [newest.tensors[name] for name in writer.order]

@@ -46,6 +46,10 @@ class PartFiles:
             file.keep_open = value and self._parts_open
 
     @property
+    def files(self) -> list[ByteSource]:
+        return list(self._files)
+
+    @property
     def bytes_fetched(self) -> int:
         return sum(file.bytes_fetched for file in self._files)
 
@@ -116,6 +120,10 @@ class CompositeCheckpoint(Checkpoint):
                 part.release()
         files = [*self._extra_files, *(part.file for _, part in parts)]
         self.file = PartFiles(self.path, files, parts_open)
+
+    def part_of(self, name: str) -> H5Checkpoint:
+        """The part holding tensor `name` (its HDF5 object is there)."""
+        return self._owner[name]
 
     def read(
         self, tensor: Tensor, start: int, count: int, slices: tuple[slice, ...], scratch: np.ndarray

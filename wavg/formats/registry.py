@@ -17,11 +17,12 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wavg.errors import CheckpointError, UsageError
 from wavg.formats.base import Checkpoint, Tensor, Writer, iter_blocks
 from wavg.formats.orbax import steps as orbax_steps
+from wavg.storage.atomic import check_output_dir
 from wavg.storage.bytesource import ByteSource
 from wavg.storage.local import InputFile
 from wavg.storage.locations import Location, Url, as_location
@@ -33,10 +34,15 @@ __all__ = [
     "Tensor",
     "Writer",
     "check_output",
+    "check_output_name",
+    "commit_parts",
+    "input_versions",
     "expand_checkpoint_dirs",
     "iter_blocks",
     "local_copies",
     "open_checkpoint",
+    "open_output",
+    "part_run",
     "open_source",
     "recognise",
     "staged_output",
@@ -54,6 +60,9 @@ BYTES = "bytes"  # a file's or object's first bytes (`InputFile`, `RemoteFile`)
 _CHECKPOINT_SUFFIXES = (".weights.json", ".weights.h5", ".keras", ".h5", ".hdf5")
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _ZIP_SIGNATURE = b"PK\x03\x04"
+
+if TYPE_CHECKING:
+    from wavg.formats.sharded.parts import CommittedParts, PartRun
 
 Opener = Callable[[Any, "Checkpoint | None"], Checkpoint]
 Expander = Callable[[Any], "tuple[list[Location], list[str]] | None"]
@@ -377,3 +386,77 @@ def check_output(out: Location, newest: Checkpoint) -> None:
             f"{out}: writing {newest.layout.name} output to object storage "
             "is not supported yet; write it to a local directory"
         )
+
+
+def check_output_name(
+    newest: Checkpoint, out: Path, max_shard_gb: float | None, parted: bool = False
+) -> None:
+    """Refuse an output name Keras would not load as `newest`'s format, or as sharded weights
+    cut from it (a ``.weights.json`` from any input whose weights are Keras 3's tree), and
+    `max_shard_gb` for any other output; then the format's own `Checkpoint.check_output`.
+    `parted`: the output is written in parts, so it must be sharded weights."""
+    from wavg.formats.sharded.reshard import writes_as_shards
+
+    if parted:
+        from wavg.formats.sharded.parts import check_parts_possible
+
+        check_parts_possible(newest, out)
+    if parted or writes_as_shards(newest, out.name, max_shard_gb):
+        check_output_dir(out)
+        return
+    if max_shard_gb is not None:
+        raise UsageError(f"--max-shard-size applies only to a .weights.json output, not {out}")
+    if not newest.layout.accepts_output(out.name):
+        wanted = " or ".join(newest.layout.suffixes)
+        raise UsageError(
+            f"output {out} must end in {wanted} for {newest.layout.name} inputs (Keras picks "
+            "the format from the name)"
+        )
+    newest.check_output(out)
+
+
+def open_output(
+    newest: Checkpoint,
+    out: Path,
+    keep: Callable[[str], bool] | None,
+    max_shard_gb: float | None,
+    part: PartRun | None = None,
+) -> contextlib.AbstractContextManager[Writer]:
+    """The writer of the output at `out` (see `Checkpoint.output`): `newest`'s own format, or
+    its weights cut into Keras shards when `check_output_name` found a sharded output, or
+    one `part` of those (`formats.sharded.parts`)."""
+    from wavg.formats.sharded.reshard import resharded_output, writes_as_shards
+
+    if part is not None:
+        from wavg.formats.sharded.parts import part_output
+
+        return part_output(newest, out, keep, max_shard_gb, part)
+    if writes_as_shards(newest, out.name, max_shard_gb):
+        return resharded_output(newest, out, keep, max_shard_gb)
+    return newest.output(out, keep)
+
+
+def part_run(
+    index: int, count: int, plan: dict[str, Any], split: Callable[[Any, int], list[range]]
+) -> PartRun:
+    """Part `index` of `count` of a sharded output (see `formats.sharded.parts.PartRun`)."""
+    from wavg.formats.sharded.parts import PartRun
+
+    return PartRun(index, count, plan, split)
+
+
+def input_versions(ckpt: Checkpoint) -> list[list[Any]]:
+    """What identifies the stored version of every file `ckpt` was read from (for a plan
+    that processes on other machines must share)."""
+    from wavg.formats.sharded.parts import input_versions as versions
+
+    return versions(ckpt)
+
+
+def commit_parts(out: Location) -> CommittedParts:
+    """Join the parts written beside `out` into one sharded output (see
+    `formats.sharded.parts.commit_parts`), locally or in a bucket."""
+    from wavg.formats.sharded.parts import commit_parts as commit
+
+    with staged_output(out) as path:
+        return commit(path)

@@ -85,6 +85,12 @@ class BucketTarget:
         self._call(lambda: self.fs.pipe_file(key, data))
         return True
 
+    def put_file(self, name: str, source: str) -> None:
+        """Upload the staged file `source` as the object `name` (an upload lands whole)."""
+        upload([(self.staging / source, f"{self.folder_url}/{name}")])
+        with contextlib.suppress(OSError):
+            os.unlink(self.staging / source)
+
     def delete(self, name: str) -> None:
         """Best effort: what is left is found again by the next run."""
         self._delete([f"{self.folder_key}/{name}"])

@@ -60,6 +60,9 @@ class InputFile:
         self._lock = threading.Lock()
         self.keep_open = True
         self.file_key = self.identity[:2]  # (device, inode): one file under any name
+        # What other machines see of the same version (a shared file system's device and
+        # inode numbers differ between clients): its size and mtime.
+        self.version = self.identity[2:]
         # Counted by byte sources that fetch over a network; a local file fetches nothing.
         self.bytes_fetched = 0
         self.requests = 0

@@ -118,6 +118,13 @@ class LocalTarget:
             with signals_held(), contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
 
+    def put_file(self, name: str, source: str) -> None:
+        """Rename the created file `source` over `name` (one step: whole or absent)."""
+        try:
+            os.replace(self.folder / source, self.folder / name)
+        except OSError as exc:
+            raise OutputError(self.display, f"cannot rename into place ({exc.strerror})") from None
+
     def delete(self, name: str) -> None:
         """Best effort: a file left is found again by the next run."""
         with contextlib.suppress(OSError):

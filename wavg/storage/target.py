@@ -48,6 +48,10 @@ class Target(Protocol):
     def put(self, name: str, data: bytes, new: bool = False) -> bool:
         """Write `name` whole or not at all; with `new` only if there is none (else False)."""
 
+    def put_file(self, name: str, source: str) -> None:
+        """Put the file written (and fsynced) at `create(source)`'s path at `name`, whole,
+        replacing any file of that name; `source` is gone afterwards."""
+
     def delete(self, name: str) -> None:
         """Remove `name`, best effort (never raises)."""
 

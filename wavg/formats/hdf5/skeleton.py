@@ -72,7 +72,7 @@ def _build_skeleton(
         name.rsplit("/", i)[0] for name in averaged for i in range(name.count("/") + 1)
     }
     with h5py.File(dst_path, "w", userblock_size=src.userblock_size) as dst:
-        _copy_attrs(src, dst)
+        copy_attrs(src, dst)
         _copy_group(src, dst, "", averaged, holds_averaged, keep)
         dst.flush()
         offsets = {}
@@ -121,27 +121,27 @@ def _copy_group(
             continue
         obj = src[key]
         if name in averaged:
-            _create_empty_like(obj, dst, key)
+            create_empty_like(obj, dst, key)
         elif name in holds_averaged:
             sub = dst.create_group(key)
-            _copy_attrs(obj, sub)
+            copy_attrs(obj, sub)
             _copy_group(obj, sub, f"{name}/", averaged, holds_averaged, keep)
         else:
             # H5Ocopy: the whole subtree with its attributes, in C, chunk by chunk.
             src.copy(obj, dst, name=key)
 
 
-def _create_empty_like(src: h5py.Dataset, dst: h5py.Group, key: str) -> None:
+def create_empty_like(src: h5py.Dataset, dst: h5py.Group, key: str) -> None:
     """A contiguous dataset with `src`'s exact type and shape, allocated now, never filled."""
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
     dcpl.set_layout(h5py.h5d.CONTIGUOUS)
     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
     dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
     h5py.h5d.create(dst.id, key.encode(), src.id.get_type(), src.id.get_space(), dcpl=dcpl)
-    _copy_attrs(src, dst[key])
+    copy_attrs(src, dst[key])
 
 
-def _copy_attrs(src: h5py.HLObject, dst: h5py.HLObject) -> None:
+def copy_attrs(src: h5py.HLObject, dst: h5py.HLObject) -> None:
     """Copy attributes with their exact stored types (fixed vs variable strings, arrays)."""
     for name in src.attrs:
         key = name if isinstance(name, bytes) else name.encode()  # bytes: not valid UTF-8
