@@ -22,10 +22,19 @@ from wavg import _runtime
 _runtime.one_blas_thread()  # first: it must run before numpy loads
 
 from wavg import __version__
-from wavg.averaging.engine import CombinePlan, CombineSummary, plan_combine, run_plan
+from wavg.averaging.engine import (
+    CombinePlan,
+    CombineSummary,
+    WindowsSummary,
+    plan_windows,
+    run_plan,
+    run_windows,
+    window_outputs,
+)
 from wavg.averaging.ordering import ORDERS
 from wavg.averaging.quantized import POLICIES
 from wavg.averaging.schemes import DEFAULT_ALPHA, SCHEMES, parse_weight_list
+from wavg.averaging.selection import parse_counts
 from wavg.errors import EXIT_INTERRUPTED, EXIT_USAGE, UsageError, WavgError
 from wavg.extras import missing_reported, require
 
@@ -95,6 +104,60 @@ def needs_extra(extra: str) -> Callable[[Callable[..., object]], Callable[..., o
     return decorate
 
 
+def _selection_options(command: Callable[..., object]) -> Callable[..., object]:
+    """The options that choose inputs from the training record (docs/selection.md), shared by
+    combine and evaluate; the command receives them as one ``selection`` dict."""
+    options = [
+        click.option(
+            "--best",
+            metavar="N[,N...]",
+            help="Keep the N best by --by (several N: one output each).",
+        ),
+        click.option(
+            "--by",
+            metavar="METRIC[:min|:max]",
+            help="Rank by this metric (min for *loss*/*error*, else max).",
+        ),
+        click.option(
+            "--every",
+            type=click.IntRange(min=1),
+            help="Keep every K-th epoch back from the newest (first).",
+        ),
+        click.option(
+            "--metrics",
+            type=click.Path(dir_okay=False),
+            help="--by values from a CSVLogger CSV or History JSON (else from the names).",
+        ),
+        click.option(
+            "--metrics-epoch-base",
+            type=click.Choice(["0", "1"]),
+            default="1",
+            show_default=True,
+            help="1: a file named epoch E is row E-1 (ModelCheckpoint); 0: row E.",
+        ),
+    ]
+
+    @functools.wraps(command)
+    def run(
+        *args: object,
+        best: str | None,
+        by: str | None,
+        every: int | None,
+        metrics: str | None,
+        metrics_epoch_base: str,
+        **kwargs: object,
+    ) -> object:
+        counts = parse_counts(best, "--best") if best is not None else None
+        chosen = dict(best=counts, by=by, every=every, metrics=metrics)
+        return command(
+            *args, selection={**chosen, "metrics_epoch_base": int(metrics_epoch_base)}, **kwargs
+        )
+
+    for option in reversed(options):
+        run = option(run)
+    return run
+
+
 # ---------------------------------------------------------------------------------------------
 # combine
 
@@ -114,7 +177,8 @@ def needs_extra(extra: str) -> Callable[[Callable[..., object]], Callable[..., o
     "--scheme",
     type=click.Choice(SCHEMES),
     default=None,
-    help="Weighting, newest weighted most: equal (default), linear or exp.",
+    help="Weighting: equal (default); linear or exp, newest weighted most; wsm-*, weights "
+    "that emulate a decay (not newest-most: 1-sqrt weights the oldest most, cosine the middle).",
 )
 @click.option(
     "--alpha",
@@ -131,10 +195,11 @@ def needs_extra(extra: str) -> Callable[[Callable[..., object]], Callable[..., o
 )
 @click.option(
     "--last",
-    type=click.IntRange(min=1),
+    metavar="N[,N...]",
     default=None,
-    help="Average only the N newest checkpoints.",
+    help="Average only the N newest checkpoints (several N: one output each, -o with {n}).",
 )
+@_selection_options
 @click.option(
     "--order",
     type=click.Choice(ORDERS),
@@ -159,7 +224,8 @@ def combine(
     scheme: str | None,
     alpha: float | None,
     weight_list: str | None,
-    last: int | None,
+    last: str | None,
+    selection: dict,
     order: str,
     dry_run: bool,
     as_json: bool,
@@ -172,20 +238,28 @@ def combine(
     \b
     Example:
       wavg combine --scheme exp --alpha 2 model_49*.h5 -o avg.h5
+      wavg combine --best 5 --by val_loss ckpt/*.h5 -o best5.h5
     """
     if weight_list is not None and scheme is not None:
         raise UsageError("give either --scheme or --weights, not both")
     if alpha is not None and scheme != "exp":
         raise UsageError("--alpha applies only to --scheme exp")
     weights = parse_weight_list(weight_list) if weight_list is not None else None
-    plan = plan_combine(
+    plans = plan_windows(
         checkpoints,
         scheme=scheme or "equal",
         alpha=DEFAULT_ALPHA if alpha is None else alpha,
         weights=weights,
         order=order,
-        last=last,
+        last=parse_counts(last, "--last") if last is not None else None,
+        **selection,
     )
+    outputs = window_outputs(output, plans)
+    if len(plans.windows) > 1:
+        _combine_windows(plans, outputs, dry_run, as_json, allow_nonfinite, drop_optimizer)
+        return
+    (plan,) = plans.windows
+    output = outputs[0]
     shown: list[str] = []
 
     def on_ready(summary: CombineSummary) -> None:
@@ -226,6 +300,42 @@ def combine(
         )
 
 
+def _combine_windows(plans, outputs, dry_run, as_json, allow_nonfinite, drop_optimizer) -> None:
+    """combine for several windows: one plan table and one output per window, one pass."""
+
+    shown: list[int] = []  # warnings printed with each window's plan
+
+    def on_ready(ready: WindowsSummary) -> None:
+        for plan, summary in zip(plans.windows, ready.windows, strict=True):
+            shown.append(len(summary.warnings))
+            _render_plan(plan, summary.warnings, f" -> {summary.output}")
+
+    with _progress_bar() as progress:
+        result = run_windows(
+            plans,
+            outputs,
+            allow_nonfinite=allow_nonfinite,
+            drop_optimizer=drop_optimizer,
+            dry_run=dry_run,
+            progress=progress,
+            on_ready=on_ready,
+        )
+    for summary, printed in zip(result.windows, shown, strict=True):
+        for warning in summary.warnings[printed:]:  # found while averaging (one run?)
+            _warn(warning)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+        return
+    for summary in result.windows:
+        verb = "would write" if dry_run else "wrote"
+        click.echo(f"{verb} {summary.output} ({len(summary.inputs)} inputs)")
+    if not dry_run:
+        click.echo(
+            f"{len(result.windows)} windows in one pass: read {_size(result.bytes_read)}, "
+            f"wrote {_size(result.bytes_written)} in {result.seconds:.2f} s"
+        )
+
+
 def _on_terminal() -> bool:
     """Whether stderr is a terminal (False when it is closed or missing)."""
     try:
@@ -242,37 +352,40 @@ def _stderr() -> Console:
     return Console(stderr=True)
 
 
-def _render_plan(plan: CombinePlan, warnings: list[str]) -> None:
+def _render_plan(plan: CombinePlan, warnings: list[str], target: str = "") -> None:
     """The plan as a table on stderr: drawn by rich on a terminal, plain aligned columns in
     a log or pipe (loading and running rich costs ~30 ms, a sixth of averaging a small
-    model, for a table nobody watches)."""
+    model, for a table nobody watches). With --by, the metric's value is beside each input."""
     alpha = f" (alpha {plan.alpha:g})" if plan.alpha is not None else ""
-    title = f"wavg combine: {plan.scheme}{alpha}"
-    header = ("#", "checkpoint", "epoch", "weight")
+    title = f"wavg combine: {plan.scheme}{alpha}{target}"
+    values = plan.values or [None] * len(plan.inputs)
+    header = ("#", "checkpoint", "epoch", *([plan.metric] if plan.metric else []), "weight")
     one_directory = len({p.parent for p in plan.inputs}) == 1
     caption = f"in {plan.inputs[0].parent}" if one_directory else None
-    rows = list(zip(plan.inputs, plan.epochs, plan.weights, strict=True))
+    rows = list(zip(plan.inputs, plan.epochs, values, plan.weights, strict=True))
     shown = list(range(len(rows)))
     if len(rows) > PLAN_ROWS:  # e.g. a thousand inputs: the oldest few, then the newest
         shown = [*range(3), -1, *range(len(rows) - PLAN_ROWS + 4, len(rows))]
     cells = []
     for i in shown:
         if i < 0:
-            cells.append(("…", f"({len(rows) - PLAN_ROWS + 1} more)", "", ""))
+            cells.append(("…", f"({len(rows) - PLAN_ROWS + 1} more)", *[""] * (len(header) - 2)))
             continue
-        path, epoch, weight = rows[i]
+        path, epoch, value, weight = rows[i]
         name = path.name if one_directory else str(path)
         label = f"{name} (newest)" if i == len(rows) - 1 else name
-        cells.append((str(i + 1), label, "" if epoch is None else str(epoch), f"{weight:.4f}"))
+        shown_value = [] if plan.metric is None else [f"{value:.6g}"]
+        epoch_text = "" if epoch is None else str(epoch)
+        cells.append((str(i + 1), label, epoch_text, *shown_value, f"{weight:.4f}"))
     if not _on_terminal():
         widths = [max(len(row[c]) for row in [header, *cells]) for c in range(len(header))]
         lines = [title]
         for row in [header, *cells]:
-            number, label, epoch, weight = (
+            texts = [
                 text.rjust(w) if c != 1 else text.ljust(w)
                 for c, (text, w) in enumerate(zip(row, widths, strict=True))
-            )
-            lines.append(f"  {number}  {label}  {epoch}  {weight}".rstrip())
+            ]
+            lines.append(("  " + "  ".join(texts)).rstrip())
         if caption:
             lines.append(caption)
         click.echo("\n".join(lines), err=True)

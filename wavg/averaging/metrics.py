@@ -22,7 +22,7 @@ import math
 import os
 import re
 
-from wavg.errors import UsageError
+from wavg.errors import MetricsError
 
 _NUMBER = r"[-+]?(?:\d+\.\d*(?:[eE][-+]?\d+)?|\d+(?:[eE][-+]?\d+)?|nan|inf)"
 _DECIMAL = r"-?(?:\d+\.\d+(?:[eE][-+]?\d+)?|nan|inf)"
@@ -41,8 +41,8 @@ def read_metrics_file(path: str | os.PathLike[str]) -> dict[int, dict[str, float
 
     A ``.json`` file is `History.history` (``{"loss": [...], "val_loss": [...]}``, also
     nested under ``"history"``), row i being index i; anything else is read as a
-    `CSVLogger` CSV, keyed by its ``epoch`` column. Raises `UsageError` naming the file
-    when it cannot be read or parsed.
+    `CSVLogger` CSV, keyed by its ``epoch`` column. Raises an error naming the file
+    when it cannot be read or parsed (`MetricsError`).
     """
     name = os.fspath(path)
     try:
@@ -51,16 +51,16 @@ def read_metrics_file(path: str | os.PathLike[str]) -> dict[int, dict[str, float
                 return _history_rows(name, json.load(handle))
             return _csv_rows(name, list(csv.DictReader(handle)))
     except OSError as exc:
-        raise UsageError(f"{name}: cannot read the metrics file ({exc.strerror or exc})") from None
+        raise MetricsError(name, f"cannot read the metrics file ({exc.strerror or exc})") from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{name}: not a CSVLogger CSV or History JSON ({exc})") from None
+        raise MetricsError(name, f"not a CSVLogger CSV or History JSON ({exc})") from None
 
 
 def _history_rows(name: str, history: object) -> dict[int, dict[str, float]]:
     if isinstance(history, dict) and isinstance(history.get("history"), dict):
         history = history["history"]
     if not isinstance(history, dict) or not all(isinstance(v, list) for v in history.values()):
-        raise UsageError(f"{name}: a History JSON maps each metric to a list of values")
+        raise MetricsError(name, "a History JSON maps each metric to a list of values")
     rows: dict[int, dict[str, float]] = {}
     for metric, values in history.items():
         for epoch, value in enumerate(values):
@@ -70,7 +70,7 @@ def _history_rows(name: str, history: object) -> dict[int, dict[str, float]]:
 
 def _csv_rows(name: str, records: list[dict[str, str]]) -> dict[int, dict[str, float]]:
     if not records or "epoch" not in records[0]:
-        raise UsageError(f"{name}: a CSVLogger CSV has a header with an 'epoch' column")
+        raise MetricsError(name, "a CSVLogger CSV has a header with an 'epoch' column")
     rows = {}
     for record in records:
         epoch = int(record.pop("epoch"))
@@ -85,10 +85,11 @@ def _as_float(value: object) -> float:
     return float(value)  # type: ignore[arg-type]
 
 
-def value_in_name(stem: str, metric: str) -> float | None:
+def value_in_name(stem: str, metric: str, path: str | None = None) -> float | None:
     """The value of `metric` written in the file name `stem`, or None when it holds none.
 
-    Raises `UsageError` when the name is ambiguous (see the module docstring).
+    Raises `MetricsError` naming `path` (default `stem`) when the name is ambiguous (see the
+    module docstring).
     """
     labelled = {label.lower(): value for label, value in _LABEL.findall(stem)}
     pattern = rf"(?<![A-Za-z0-9_]){re.escape(metric)}[=_-]?({_NUMBER})(?![\d.])"
@@ -99,9 +100,10 @@ def value_in_name(stem: str, metric: str) -> float | None:
         return None
     values = _UNLABELLED.findall(stem)
     if len(values) > 1:
-        raise UsageError(
-            f"{stem}: the name holds {len(values)} unlabelled values ({', '.join(values)}); "
+        raise MetricsError(
+            path or stem,
+            f"the name holds {len(values)} unlabelled values ({', '.join(values)}); "
             f"cannot tell which is {metric}: name the files with {metric}={{{metric}:.4f}} "
-            "or pass --metrics FILE"
+            "or pass --metrics FILE",
         )
     return float(values[0]) if values else None

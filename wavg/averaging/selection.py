@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from wavg.averaging.metrics import lower_is_better, read_metrics_file, value_in_name
 from wavg.averaging.ordering import epoch_numbers, stem
-from wavg.errors import UsageError
+from wavg.errors import MetricsError, UsageError
 from wavg.storage.locations import Location
 
 
@@ -81,27 +81,28 @@ def metric_values(
         for path, epoch in zip(paths, _known(paths, epochs), strict=True):
             row = rows.get(epoch - epoch_base)
             if row is None:
-                raise UsageError(
-                    f"{path}: no row for epoch {epoch} in {os.fspath(metrics_file)} (row "
-                    f"{epoch - epoch_base} with --metrics-epoch-base {epoch_base})"
+                raise MetricsError(
+                    path,
+                    f"no row for epoch {epoch} in {os.fspath(metrics_file)} (row "
+                    f"{epoch - epoch_base} with --metrics-epoch-base {epoch_base})",
                 )
             if metric.name not in row:
-                raise UsageError(
-                    f"{os.fspath(metrics_file)}: no column {metric.name!r}; it has "
-                    f"{', '.join(sorted(row))}"
+                raise MetricsError(
+                    metrics_file, f"no column {metric.name!r}; it has {', '.join(sorted(row))}"
                 )
             values.append(row[metric.name])
     else:
-        values = [value_in_name(stem(p), metric.name) for p in paths]
+        values = [value_in_name(stem(p), metric.name, str(p)) for p in paths]
     for path, value in zip(paths, values, strict=True):
         where = "its row of the metrics file" if metrics_file is not None else "its name"
         if value is None:
-            raise UsageError(
-                f"{path}: no {metric.name} value in its name; pass --metrics FILE "
-                "(a CSVLogger CSV or History JSON)"
+            raise MetricsError(
+                path,
+                f"no {metric.name} value in its name; pass --metrics FILE "
+                "(a CSVLogger CSV or History JSON)",
             )
         if math.isnan(value):
-            raise UsageError(f"{path}: {metric.name} is NaN in {where}; it cannot be ranked")
+            raise MetricsError(path, f"{metric.name} is NaN in {where}; it cannot be ranked")
     return values  # type: ignore[return-value]
 
 
@@ -109,7 +110,7 @@ def _known(paths: Sequence[Location], epochs: Sequence[int | None]) -> list[int]
     """`epochs`, refusing a path whose name has no epoch number."""
     for path, epoch in zip(paths, epochs, strict=True):
         if epoch is None:
-            raise UsageError(f"{path}: no epoch number in the name to select by")
+            raise MetricsError(path, "no epoch number in the name to select by")
     return list(epochs)  # type: ignore[arg-type]
 
 
