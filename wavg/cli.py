@@ -104,24 +104,16 @@ def needs_extra(extra: str) -> Callable[[Callable[..., object]], Callable[..., o
     return decorate
 
 
-def _selection_options(command: Callable[..., object]) -> Callable[..., object]:
+def _selection_options(by_help: str, best: bool = True) -> Callable[..., object]:
     """The options that choose inputs from the training record (docs/selection.md), shared by
-    combine and evaluate; the command receives them as one ``selection`` dict."""
+    combine and (without --best: its rows are every n) evaluate; the command receives them
+    as one ``selection`` dict of `wavg.plan_windows` / `wavg.evaluate.evaluate` arguments."""
     options = [
-        click.option(
-            "--best",
-            metavar="N[,N...]",
-            help="Keep the N best by --by (several N: one output each).",
-        ),
-        click.option(
-            "--by",
-            metavar="METRIC[:min|:max]",
-            help="Rank by this metric (min for *loss*/*error*, else max).",
-        ),
+        click.option("--by", metavar="METRIC[:min|:max]", help=by_help),
         click.option(
             "--every",
             type=click.IntRange(min=1),
-            help="Keep every K-th epoch back from the newest (first).",
+            help="Keep every K-th epoch back from the newest (applied first).",
         ),
         click.option(
             "--metrics",
@@ -136,26 +128,29 @@ def _selection_options(command: Callable[..., object]) -> Callable[..., object]:
             help="1: a file named epoch E is row E-1 (ModelCheckpoint); 0: row E.",
         ),
     ]
-
-    @functools.wraps(command)
-    def run(
-        *args: object,
-        best: str | None,
-        by: str | None,
-        every: int | None,
-        metrics: str | None,
-        metrics_epoch_base: str,
-        **kwargs: object,
-    ) -> object:
-        counts = parse_counts(best, "--best") if best is not None else None
-        chosen = dict(best=counts, by=by, every=every, metrics=metrics)
-        return command(
-            *args, selection={**chosen, "metrics_epoch_base": int(metrics_epoch_base)}, **kwargs
+    if best:
+        options.insert(
+            0,
+            click.option(
+                "--best", metavar="N[,N...]", help="Keep the N best by --by (several N: one each)."
+            ),
         )
 
-    for option in reversed(options):
-        run = option(run)
-    return run
+    def decorate(command: Callable[..., object]) -> Callable[..., object]:
+        @functools.wraps(command)
+        def run(*args: object, metrics_epoch_base: str, **kwargs: object) -> object:
+            chosen = {k: kwargs.pop(k) for k in ("by", "every", "metrics")}
+            chosen["metrics_epoch_base"] = int(metrics_epoch_base)
+            if best:
+                counts = kwargs.pop("best")
+                chosen["best"] = parse_counts(counts, "--best") if counts is not None else None
+            return command(*args, selection=chosen, **kwargs)
+
+        for option in reversed(options):
+            run = option(run)
+        return run
+
+    return decorate
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,7 +194,7 @@ def _selection_options(command: Callable[..., object]) -> Callable[..., object]:
     default=None,
     help="Average only the N newest checkpoints (several N: one output each, -o with {n}).",
 )
-@_selection_options
+@_selection_options("Rank by this metric (min for names with loss/error, else max).")
 @click.option(
     "--order",
     type=click.Choice(ORDERS),
@@ -591,6 +586,7 @@ def train_save_command(
 @click.option("--alpha", type=float, default=2.0, show_default=True, help="Decay of 'exp'.")
 @click.option("--alphas", default=None, help="Extra exp columns, e.g. 0.5,1,2,4,8.")
 @click.option("--max-n", type=int, default=None, help="Evaluate n = 1 ... N (default: all).")
+@_selection_options("Add best:<average> columns: the n best by METRIC.", best=False)
 @click.option("--no-ensemble", is_flag=True, help="Skip the output-averaging column.")
 @click.option(
     "--soup-data",
@@ -619,6 +615,7 @@ def evaluate_command(
     alpha: float,
     alphas: str | None,
     max_n: int | None,
+    selection: dict,
     no_ensemble: bool,
     soup_data: str | None,
     no_greedy: bool,
@@ -657,6 +654,7 @@ def evaluate_command(
             custom_objects=custom_objects,
             trust=trust_file,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
+            **selection,
         )
     for warning in result.warnings:
         click.echo(f"wavg: warning: {warning}", err=True)
@@ -816,6 +814,8 @@ def _render_evaluation(result, metric: str) -> None:
 
     direction = "higher" if higher_is_better(metric) else "lower"
     table = Table(title=f"test {metric} on {result.data} ({direction} is better, * best)")
+    if result.best_by is not None:  # row n: --last n (an average) beside --best n (best:...)
+        table.caption = f"best:<average> averages the n best by {result.best_by}, not the n newest"
     table.add_column("n", justify="right")
     table.add_column("epoch", justify="right")
     for column in result.columns:

@@ -27,7 +27,8 @@ WSM_DECAYS = {
     "wsm-cosine": lambda x: (1.0 + np.cos(np.pi * x)) / 2.0,
     "wsm-1-sqrt": lambda x: 1.0 - np.sqrt(x),
 }
-SCHEMES = ("equal", "linear", "exp", *WSM_DECAYS)
+SHAPES = ("equal", "linear", "exp")  # the newest weighted most (equal: as much)
+SCHEMES = (*SHAPES, *WSM_DECAYS)
 DEFAULT_ALPHA = 2.0
 
 

@@ -122,6 +122,14 @@ def every_kth(paths: Sequence[Location], epochs: Sequence[int | None], k: int) -
     return [i for i, e in enumerate(known) if (known[-1] - e) % k == 0]
 
 
+def best_positions(values: Sequence[float], n: int, metric: Metric) -> list[int]:
+    """The positions of the `n` best of `values` (ties: the later, newer one first), in
+    their original (epoch) order."""
+    sign = 1.0 if metric.lower_is_better else -1.0
+    ranked = sorted(range(len(values)), key=lambda i: (sign * values[i], -i))
+    return sorted(ranked[:n])
+
+
 def select_windows(
     ordered: Sequence[Location],
     *,
@@ -161,9 +169,7 @@ def select_windows(
     for n in counts:
         if best is not None:
             assert by is not None and values is not None
-            sign = 1.0 if by.lower_is_better else -1.0
-            ranked = sorted(range(len(pool)), key=lambda i: (sign * values[i], -i))
-            chosen = sorted(ranked[:n])
+            chosen = best_positions(values, n, by)
         else:
             chosen = list(range(len(pool) - n, len(pool)))
         picked = [values[i] for i in chosen] if values is not None else None
