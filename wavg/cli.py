@@ -25,6 +25,7 @@ from wavg import __version__
 from wavg.averaging.engine import (
     CombinePlan,
     CombineSummary,
+    WindowsPlan,
     WindowsSummary,
     plan_windows,
     run_plan,
@@ -251,7 +252,10 @@ def combine(
     )
     outputs = window_outputs(output, plans)
     if len(plans.windows) > 1:
-        _combine_windows(plans, outputs, dry_run, as_json, allow_nonfinite, drop_optimizer)
+        run = dict(
+            allow_nonfinite=allow_nonfinite, drop_optimizer=drop_optimizer, quantized=quantized
+        )
+        _combine_windows(plans, outputs, dry_run, as_json, run)
         return
     (plan,) = plans.windows
     output = outputs[0]
@@ -295,8 +299,11 @@ def combine(
         )
 
 
-def _combine_windows(plans, outputs, dry_run, as_json, allow_nonfinite, drop_optimizer) -> None:
-    """combine for several windows: one plan table and one output per window, one pass."""
+def _combine_windows(
+    plans: WindowsPlan, outputs: list[str], dry_run: bool, as_json: bool, run: dict
+) -> None:
+    """combine for several windows: one plan table and one output per window, one pass;
+    `run` holds the other `run_windows` options."""
 
     shown: list[int] = []  # warnings printed with each window's plan
 
@@ -307,13 +314,7 @@ def _combine_windows(plans, outputs, dry_run, as_json, allow_nonfinite, drop_opt
 
     with _progress_bar() as progress:
         result = run_windows(
-            plans,
-            outputs,
-            allow_nonfinite=allow_nonfinite,
-            drop_optimizer=drop_optimizer,
-            dry_run=dry_run,
-            progress=progress,
-            on_ready=on_ready,
+            plans, outputs, dry_run=dry_run, progress=progress, on_ready=on_ready, **run
         )
     for summary, printed in zip(result.windows, shown, strict=True):
         for warning in summary.warnings[printed:]:  # found while averaging (one run?)

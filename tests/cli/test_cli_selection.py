@@ -23,24 +23,30 @@ def combine_json(*args: object) -> dict:
 
 
 @pytest.mark.parametrize(
-    ("option", "counts", "extra"),
+    ("template", "option", "counts", "extra"),
     [
-        ("--last", [3, 5, 8], []),
-        ("--best", [1, 3, 5], ["--by", "val_loss"]),
-        ("--best", [2, 4], ["--by", "val_accuracy", "--scheme", "wsm-cosine"]),
+        ("unlabelled", "--last", [3, 5, 8], []),
+        ("unlabelled", "--best", [1, 3, 5], ["--by", "val_loss"]),
+        ("unlabelled", "--best", [2, 4], ["--by", "val_accuracy", "--scheme", "wsm-cosine"]),
+        ("keras", "--last", [2, 4], ["--scheme", "linear", "--every", "2"]),
+        ("keras", "--best", [1, 3], ["--by", "val_loss", "--scheme", "wsm-1-sqrt"]),
     ],
 )
-def test_each_window_equals_its_separate_run_bit_for_bit(run, tmp_path, option, counts, extra):
-    files = run.files("unlabelled")
+def test_each_window_equals_its_separate_run_bit_for_bit(
+    run, tmp_path, template, option, counts, extra
+):
+    files = run.files(template)
+    suffix = files[0].name[files[0].name.rindex(".") :]
     listed = ",".join(map(str, counts))
-    together = combine_json(*files, option, listed, *extra, "-o", tmp_path / "avg_n{n}.h5")
+    together = combine_json(*files, option, listed, *extra, "-o", tmp_path / f"avg_n{{n}}{suffix}")
     assert [w["output"] for w in together["windows"]] == [
-        str(tmp_path / f"avg_n{n}.h5") for n in counts
+        str(tmp_path / f"avg_n{n}{suffix}") for n in counts
     ]
     separate_read = 0
     for n, window in zip(counts, together["windows"], strict=True):
-        alone = combine_json(*files, option, n, *extra, "-o", tmp_path / f"alone{n}.h5")
-        assert (tmp_path / f"avg_n{n}.h5").read_bytes() == (tmp_path / f"alone{n}.h5").read_bytes()
+        alone = combine_json(*files, option, n, *extra, "-o", tmp_path / f"alone{n}{suffix}")
+        both = (tmp_path / f"avg_n{n}{suffix}", tmp_path / f"alone{n}{suffix}")
+        assert both[0].read_bytes() == both[1].read_bytes()
         assert window["inputs"] == alone["inputs"]
         assert window["bytes_written"] == alone["bytes_written"]
         separate_read += alone["bytes_read"]

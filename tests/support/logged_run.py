@@ -20,6 +20,7 @@ TEMPLATES = {
     "labelled": "model.{epoch:02d}-val_loss={val_loss:.4f}-val_accuracy={val_accuracy:.4f}.h5",
     "plain": "model.{epoch:02d}.h5",
     "ambiguous": "model.{epoch:02d}-{val_loss:.3f}-{val_accuracy:.3f}.h5",
+    "keras": "model.{epoch:02d}-{val_loss:.4f}.keras",
 }
 
 

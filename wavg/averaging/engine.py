@@ -386,13 +386,13 @@ def run_windows(
             requantizer = plan_quantized(inputs, raw[0], quantized, block_items)
             if requantizer is not None and len(plan.windows) > 1:
                 raise UsageError("--quantized requantize averages one window at a time")
-            _check_compatible(inputs)
+            _check_formats(inputs)
+            for own, out_path in zip(members, out_paths, strict=True):
+                _check_output(own[-1], out_path)
+            _check_tensors(inputs)
             summaries = []
-            for window, own, out_location, out_path in zip(
-                plan.windows, members, out_locations, out_paths, strict=True
-            ):
+            for window, own, out_location in zip(plan.windows, members, out_locations, strict=True):
                 newest = own[-1]
-                _check_output(newest, out_path)
                 check_output(out_location, newest)
                 if requantizer is not None:
                     mark_written(newest, requantizer)
@@ -517,8 +517,8 @@ def _refuse_output_among_inputs(out: Location, inputs: list[Location]) -> None:
             raise UsageError(f"output {out} is the input {path}; inputs are never overwritten")
 
 
-def _check_compatible(inputs: list[Checkpoint]) -> None:
-    """All inputs share the newest's format and averaged tensors (names, shapes, dtypes)."""
+def _check_formats(inputs: list[Checkpoint]) -> None:
+    """All inputs share the newest's format."""
     newest = inputs[-1]
     for ckpt in inputs[:-1]:
         if ckpt.layout != newest.layout:
@@ -527,6 +527,11 @@ def _check_compatible(inputs: list[Checkpoint]) -> None:
                 f"is in {ckpt.layout.name} format but {newest.path} is in {newest.layout.name} "
                 "format; all inputs must share one format",
             )
+
+
+def _check_tensors(inputs: list[Checkpoint]) -> None:
+    """All inputs hold the newest's averaged tensors (names, shapes, dtypes)."""
+    newest = inputs[-1]
     expected = {n: t for n, t in newest.tensors.items() if t.averaged}
     for ckpt in inputs[:-1]:
         ckpt.check_matches(newest)
