@@ -111,3 +111,27 @@ def test_a_nan_row_names_the_checkpoint_and_writes_nothing(run, tmp_path):
     )  # fmt: skip
     assert_one_line_error(code, err, str(files[1]), "NaN")
     assert not (tmp_path / "out.h5").exists()
+
+
+def test_a_failure_in_one_window_leaves_every_output_as_it_was(run, tmp_path):
+    import h5py
+    import numpy as np
+
+    files = [tmp_path / f.name for f in run.files("plain")]
+    for source, copy in zip(run.files("plain"), files, strict=True):
+        copy.write_bytes(source.read_bytes())
+    with h5py.File(files[0], "r+") as h5:  # NaN in the oldest: only the widest window holds it
+        kernels: list[h5py.Dataset] = []
+        h5["model_weights"].visititems(
+            lambda _, o: kernels.append(o) if isinstance(o, h5py.Dataset) else None
+        )
+        kernels[0][(0,) * kernels[0].ndim] = np.nan
+    old = tmp_path / "out" / "avg_n2.h5"
+    old.parent.mkdir()
+    old.write_bytes(b"previous")
+    code, _, err = run_wavg("combine", *files, "--last", "2,8", "-o", old.parent / "avg_n{n}.h5")
+    last = err.strip().splitlines()[-1]  # after the plan tables, printed before averaging
+    assert code == 1 and last.startswith("wavg: error: ") and str(files[0]) in last, err
+    assert "NaN" in last and "Traceback" not in err
+    assert sorted(p.name for p in old.parent.iterdir()) == ["avg_n2.h5"]
+    assert old.read_bytes() == b"previous"
