@@ -30,6 +30,7 @@ import report
 import runner
 import sharded
 import targets
+import windows
 from machine import describe
 from results import Row, write_csv
 from workloads import Cell, Dataset, full_cells, quick_cells
@@ -48,8 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="NAME",
-        help="cell or group (scale, ref, formats, many, sample, fds, sharded, remote, apps); repeat or "
-        "comma-separate",
+        help="cell or group (scale, ref, formats, many, sample, fds, sharded, windows, remote, "
+        "apps); repeat or comma-separate",
     )
     parser.add_argument("--keep", action="store_true", help="keep generated checkpoints")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "out", help="scratch directory")
@@ -152,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     selectors = [s for item in args.only for s in item.split(",") if s]
     cells = [c for c in (quick_cells() if args.quick else full_cells()) if c.matches(selectors)]
     run_remote = not args.quick and (not selectors or "remote" in selectors)
-    if args.list or not (cells or run_remote or sharded.wanted(selectors)):
+    extra = sharded.wanted(selectors) or windows.wanted(selectors)
+    if args.list or not (cells or run_remote or extra):
         print("\n".join(f"{c.name:28} groups={','.join(c.groups)}" for c in cells) or "no cell")
         return 0 if cells else 2
     partial = args.quick or bool(selectors)
@@ -186,6 +188,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{time.perf_counter() - started:6.0f} s] sharded", file=sys.stderr)
             notes.append(
                 sharded.run(ctx.wavg, args.out, results_dir, args.quick, ctx.budget_s, args.keep)
+            )
+        if windows.wanted(selectors):  # --last 3,5,10 in one pass: see windows.py
+            print(f"[{time.perf_counter() - started:6.0f} s] windows", file=sys.stderr)
+            notes.append(
+                windows.run(ctx.wavg, args.out, results_dir, args.quick, ctx.budget_s, args.keep)
             )
         if run_remote:  # object storage: see remote_workload.py and distributed.py
             notes += distributed.run(args.out, ctx.wavg, keep=True)  # the same checkpoints

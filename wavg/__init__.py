@@ -6,7 +6,10 @@ Public API (the CLI is a thin layer over these):
   (`paths`: a list of names, or one path or quoted glob such as ``"ckpt/model_49*.h5"``);
 - `combine(..., part=(I, N))` / `commit(out)` write a sharded output in N independent parts,
   then join them (see docs/distributed.md);
-- `plan_combine(...)` orders the files and computes the weights without reading any data;
+- `plan_combine(...)` orders and selects the files (``last``, ``every``, ``best``/``by``) and
+  computes the weights without reading any data;
+- `plan_windows(...)` and `run_windows(plan, outs)` average several windows (``last=[3, 5]``)
+  in one pass, each input read once;
 - `scheme_weights(n, scheme, alpha)` gives the normalised weights of a scheme;
 - `order_checkpoints(paths, order, last)` puts files oldest first by the epoch in their names.
 
@@ -22,7 +25,17 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from wavg.averaging.engine import CombinePlan, CombineSummary, combine, plan_combine, run_plan
+    from wavg.averaging.engine import (
+        CombinePlan,
+        CombineSummary,
+        WindowsPlan,
+        WindowsSummary,
+        combine,
+        plan_combine,
+        plan_windows,
+        run_plan,
+        run_windows,
+    )
     from wavg.averaging.ordering import order_checkpoints
     from wavg.averaging.partition import CommitSummary, commit
     from wavg.averaging.schemes import scheme_weights
@@ -40,6 +53,10 @@ _HOMES = {
     "run_plan": "wavg.averaging.engine",
     "commit": "wavg.averaging.partition",
     "CommitSummary": "wavg.averaging.partition",
+    "WindowsPlan": "wavg.averaging.engine",
+    "WindowsSummary": "wavg.averaging.engine",
+    "plan_windows": "wavg.averaging.engine",
+    "run_windows": "wavg.averaging.engine",
     "WavgError": "wavg.errors",
     "order_checkpoints": "wavg.averaging.ordering",
     "scheme_weights": "wavg.averaging.schemes",
@@ -78,11 +95,15 @@ __all__ = [
     "CombineSummary",
     "CommitSummary",
     "WavgError",
+    "WindowsPlan",
+    "WindowsSummary",
     "combine",
     "commit",
     "order_checkpoints",
     "plan_combine",
+    "plan_windows",
     "run_plan",
+    "run_windows",
     "scheme_weights",
 ]
 __version__ = "0.1.0"  # the one place the version is set (pyproject reads it)

@@ -25,10 +25,20 @@ from wavg import _runtime
 _runtime.one_blas_thread()  # first: it must run before numpy loads
 
 from wavg import __version__
-from wavg.averaging.engine import CombinePlan, CombineSummary, plan_combine, run_plan
+from wavg.averaging.engine import (
+    CombinePlan,
+    CombineSummary,
+    WindowsPlan,
+    WindowsSummary,
+    plan_windows,
+    run_plan,
+    run_windows,
+    window_outputs,
+)
 from wavg.averaging.ordering import ORDERS
 from wavg.averaging.quantized import POLICIES
 from wavg.averaging.schemes import DEFAULT_ALPHA, SCHEMES, parse_weight_list
+from wavg.averaging.selection import parse_counts
 from wavg.errors import EXIT_INTERRUPTED, EXIT_USAGE, UsageError, WavgError
 from wavg.extras import missing_reported, require
 
@@ -161,6 +171,55 @@ def needs_extra(extra: str) -> Callable[[Callable[..., object]], Callable[..., o
     return decorate
 
 
+def _selection_options(by_help: str, best: bool = True) -> Callable[..., object]:
+    """The options that choose inputs from the training record (docs/selection.md), shared by
+    combine and (without --best: its rows are every n) evaluate; the command receives them
+    as one ``selection`` dict of `wavg.plan_windows` / `wavg.evaluate.evaluate` arguments."""
+    options = [
+        click.option("--by", metavar="METRIC[:min|:max]", help=by_help),
+        click.option(
+            "--every",
+            type=click.IntRange(min=1),
+            help="Keep every K-th epoch back from the newest (applied first).",
+        ),
+        click.option(
+            "--metrics",
+            type=click.Path(dir_okay=False),
+            help="--by values from a CSVLogger CSV or History JSON (else from the names).",
+        ),
+        click.option(
+            "--metrics-epoch-base",
+            type=click.Choice(["0", "1"]),
+            default="1",
+            show_default=True,
+            help="1: a file named epoch E is row E-1 (ModelCheckpoint); 0: row E.",
+        ),
+    ]
+    if best:
+        options.insert(
+            0,
+            click.option(
+                "--best", metavar="N[,N...]", help="Keep the N best by --by (several N: one each)."
+            ),
+        )
+
+    def decorate(command: Callable[..., object]) -> Callable[..., object]:
+        @functools.wraps(command)
+        def run(*args: object, metrics_epoch_base: str, **kwargs: object) -> object:
+            chosen = {k: kwargs.pop(k) for k in ("by", "every", "metrics")}
+            chosen["metrics_epoch_base"] = int(metrics_epoch_base)
+            if best:
+                counts = kwargs.pop("best")
+                chosen["best"] = parse_counts(counts, "--best") if counts is not None else None
+            return command(*args, selection=chosen, **kwargs)
+
+        for option in reversed(options):
+            run = option(run)
+        return run
+
+    return decorate
+
+
 # ---------------------------------------------------------------------------------------------
 # combine
 
@@ -180,7 +239,8 @@ def needs_extra(extra: str) -> Callable[[Callable[..., object]], Callable[..., o
     "--scheme",
     type=click.Choice(SCHEMES),
     default=None,
-    help="Weighting, newest weighted most: equal (default), linear or exp.",
+    help="Weighting: equal (default); linear or exp, newest weighted most; wsm-*, weights "
+    "that emulate a decay (not newest-most: 1-sqrt weights the oldest most, cosine the middle).",
 )
 @click.option(
     "--alpha",
@@ -197,10 +257,11 @@ def needs_extra(extra: str) -> Callable[[Callable[..., object]], Callable[..., o
 )
 @click.option(
     "--last",
-    type=click.IntRange(min=1),
+    metavar="N[,N...]",
     default=None,
-    help="Average only the N newest checkpoints.",
+    help="Average only the N newest checkpoints (several N: one output each, -o with {n}).",
 )
+@_selection_options("Rank by this metric (min for names with loss/error, else max).")
 @click.option(
     "--order",
     type=click.Choice(ORDERS),
@@ -248,7 +309,8 @@ def combine(
     scheme: str | None,
     alpha: float | None,
     weight_list: str | None,
-    last: int | None,
+    last: str | None,
+    selection: dict,
     order: str,
     dry_run: bool,
     as_json: bool,
@@ -269,6 +331,7 @@ def combine(
     \b
     Example:
       wavg combine --scheme exp --alpha 2 model_49*.h5 -o avg.h5
+      wavg combine --best 5 --by val_loss ckpt/*.h5 -o best5.h5
     """
     if weight_list is not None and scheme is not None:
         raise UsageError("give either --scheme or --weights, not both")
@@ -276,14 +339,31 @@ def combine(
         raise UsageError("--alpha applies only to --scheme exp")
     weights = parse_weight_list(weight_list) if weight_list is not None else None
     part = _parse_part(part_text) if part_text is not None else None
-    plan = plan_combine(
+    if dask_address is not None and part is not None:
+        raise UsageError("give either --dask or --part, not both")
+    plans = plan_windows(
         checkpoints,
         scheme=scheme or "equal",
         alpha=DEFAULT_ALPHA if alpha is None else alpha,
         weights=weights,
         order=order,
-        last=last,
+        last=parse_counts(last, "--last") if last is not None else None,
+        **selection,
     )
+    outputs = window_outputs(output, plans)
+    if len(plans.windows) > 1:
+        if part is not None or dask_address is not None:
+            raise UsageError("--part and --dask write one output; give one --last or --best count")
+        run = dict(
+            allow_nonfinite=allow_nonfinite,
+            drop_optimizer=drop_optimizer,
+            quantized=quantized,
+            max_shard_gb=max_shard_gb,
+        )
+        _combine_windows(plans, outputs, dry_run, as_json, quiet, run)
+        return
+    (plan,) = plans.windows
+    output = outputs[0]
     shown: list[str] = []
 
     def on_ready(summary: CombineSummary) -> None:
@@ -299,8 +379,6 @@ def combine(
                 f"{plan.inputs[0]} unchanged; pass two or more to average them"
             )
 
-    if dask_address is not None and part is not None:
-        raise UsageError("give either --dask or --part, not both")
     if dask_address is not None and not dry_run:
         from wavg.averaging.distributed import combine_on_dask
 
@@ -391,6 +469,51 @@ def commit(output: str, as_json: bool, quiet: bool) -> None:
         )
 
 
+def _combine_windows(
+    plans: WindowsPlan,
+    outputs: list[str],
+    dry_run: bool,
+    as_json: bool,
+    quiet: bool,
+    run: dict,
+) -> None:
+    """combine for several windows: one plan table and one output per window, one pass;
+    `run` holds the other `run_windows` options."""
+
+    shown: list[int] = []  # warnings printed with each window's plan
+
+    def on_ready(ready: WindowsSummary) -> None:
+        for plan, summary in zip(plans.windows, ready.windows, strict=True):
+            shown.append(len(summary.warnings))
+            if quiet:
+                for warning in summary.warnings:
+                    _warn(warning)
+            else:
+                _render_plan(plan, summary.warnings, f" -> {summary.output}")
+
+    with _progress_bar(enabled=not quiet) as progress:
+        result = run_windows(
+            plans, outputs, dry_run=dry_run, progress=progress, on_ready=on_ready, **run
+        )
+    for summary, printed in zip(result.windows, shown, strict=True):
+        for warning in summary.warnings[printed:]:  # found while averaging (one run?)
+            _warn(warning)
+    written = None if dry_run else ", ".join(str(s.output) for s in result.windows)
+    if as_json:
+        _result(json.dumps(result.to_json(), indent=2), written)
+        return
+    if quiet:
+        return
+    verb = "would write" if dry_run else "wrote"
+    lines = [f"{verb} {s.output} ({len(s.inputs)} inputs)" for s in result.windows]
+    if not dry_run:
+        lines.append(
+            f"{len(result.windows)} windows in one pass: read {_size(result.bytes_read)}, "
+            f"wrote {_size(result.bytes_written)} in {result.seconds:.2f} s"
+        )
+    _result("\n".join(lines), written)
+
+
 def _on_terminal() -> bool:
     """Whether stderr is a terminal (False when it is closed or missing)."""
     try:
@@ -407,37 +530,40 @@ def _stderr() -> Console:
     return Console(stderr=True)
 
 
-def _render_plan(plan: CombinePlan, warnings: list[str]) -> None:
+def _render_plan(plan: CombinePlan, warnings: list[str], target: str = "") -> None:
     """The plan as a table on stderr: drawn by rich on a terminal, plain aligned columns in
     a log or pipe (loading and running rich costs ~30 ms, a sixth of averaging a small
-    model, for a table nobody watches)."""
+    model, for a table nobody watches). With --by, the metric's value is beside each input."""
     alpha = f" (alpha {plan.alpha:g})" if plan.alpha is not None else ""
-    title = f"wavg combine: {plan.scheme}{alpha}"
-    header = ("#", "checkpoint", "epoch", "weight")
+    title = f"wavg combine: {plan.scheme}{alpha}{target}"
+    values = plan.values or [None] * len(plan.inputs)
+    header = ("#", "checkpoint", "epoch", *([plan.metric] if plan.metric else []), "weight")
     one_directory = len({p.parent for p in plan.inputs}) == 1
     caption = f"in {plan.inputs[0].parent}" if one_directory else None
-    rows = list(zip(plan.inputs, plan.epochs, plan.weights, strict=True))
+    rows = list(zip(plan.inputs, plan.epochs, values, plan.weights, strict=True))
     shown = list(range(len(rows)))
     if len(rows) > PLAN_ROWS:  # e.g. a thousand inputs: the oldest few, then the newest
         shown = [*range(3), -1, *range(len(rows) - PLAN_ROWS + 4, len(rows))]
     cells = []
     for i in shown:
         if i < 0:
-            cells.append(("…", f"({len(rows) - PLAN_ROWS + 1} more)", "", ""))
+            cells.append(("…", f"({len(rows) - PLAN_ROWS + 1} more)", *[""] * (len(header) - 2)))
             continue
-        path, epoch, weight = rows[i]
+        path, epoch, value, weight = rows[i]
         name = path.name if one_directory else str(path)
         label = f"{name} (newest)" if i == len(rows) - 1 else name
-        cells.append((str(i + 1), label, "" if epoch is None else str(epoch), f"{weight:.4f}"))
+        shown_value = [] if plan.metric is None else [f"{value:.6g}"]
+        epoch_text = "" if epoch is None else str(epoch)
+        cells.append((str(i + 1), label, epoch_text, *shown_value, f"{weight:.4f}"))
     if not _on_terminal():
         widths = [max(len(row[c]) for row in [header, *cells]) for c in range(len(header))]
         lines = [title]
         for row in [header, *cells]:
-            number, label, epoch, weight = (
+            texts = [
                 text.rjust(w) if c != 1 else text.ljust(w)
                 for c, (text, w) in enumerate(zip(row, widths, strict=True))
-            )
-            lines.append(f"  {number}  {label}  {epoch}  {weight}".rstrip())
+            ]
+            lines.append(("  " + "  ".join(texts)).rstrip())
         if caption:
             lines.append(caption)
         click.echo("\n".join(lines), err=True)
@@ -663,6 +789,7 @@ def train_save_command(
 @click.option("--alpha", type=float, default=2.0, show_default=True, help="Decay of 'exp'.")
 @click.option("--alphas", default=None, help="Extra exp columns, e.g. 0.5,1,2,4,8.")
 @click.option("--max-n", type=int, default=None, help="Evaluate n = 1 ... N (default: all).")
+@_selection_options("Add best:<average> columns: the n best by METRIC.", best=False)
 @click.option("--no-ensemble", is_flag=True, help="Skip the output-averaging column.")
 @click.option(
     "--soup-data",
@@ -699,6 +826,7 @@ def evaluate_command(
     alpha: float,
     alphas: str | None,
     max_n: int | None,
+    selection: dict,
     no_ensemble: bool,
     soup_data: str | None,
     no_greedy: bool,
@@ -740,6 +868,7 @@ def evaluate_command(
             trust=trust_file,
             order=order,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
+            **selection,
         )
     for warning in result.warnings:
         click.echo(f"wavg: warning: {warning}", err=True)
@@ -923,6 +1052,8 @@ def _render_evaluation(result, metric: str) -> None:
 
     direction = "higher" if higher_is_better(metric) else "lower"
     table = Table(title=f"test {metric} on {result.data} ({direction} is better, * best)")
+    if result.best_by is not None:  # row n: --last n (an average) beside --best n (best:...)
+        table.caption = f"best:<average> averages the n best by {result.best_by}, not the n newest"
     table.add_column("n", justify="right")
     table.add_column("epoch", justify="right")
     for column in result.columns:

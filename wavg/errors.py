@@ -53,6 +53,16 @@ class InputChanged(CheckpointError):
     """A checkpoint changed while wavg was reading it (a training job still writing it)."""
 
 
+class MetricsError(WavgError):
+    """The logged metrics cannot rank the checkpoints: a metrics file that cannot be read,
+    or a checkpoint with no value, a NaN value or an ambiguous name (`path` is named)."""
+
+    def __init__(self, path: str | os.PathLike[str], problem: str) -> None:
+        self.path = os.fspath(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
 class OutputError(WavgError):
     """The output cannot be written; nothing was left at the output path."""
 

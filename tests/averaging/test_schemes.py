@@ -82,3 +82,43 @@ def test_weight_list_parsing_names_the_bad_item():
     assert parse_weight_list("1, 2,3.5") == [1.0, 2.0, 3.5]
     with pytest.raises(UsageError, match="'x'"):
         parse_weight_list("1,x,3")
+
+
+WSM = ["wsm-linear", "wsm-cosine", "wsm-1-sqrt"]
+DECAYS = {
+    "wsm-linear": lambda x: 1 - x,
+    "wsm-cosine": lambda x: (1 + math.cos(math.pi * x)) / 2,
+    "wsm-1-sqrt": lambda x: 1 - math.sqrt(x),
+}
+
+
+@given(n=counts, scheme=st.sampled_from(WSM))
+def test_wsm_weights_are_the_decay_differences_of_the_issue(n, scheme):
+    """c_0 = 1 - w_1, c_j = w_j - w_{j+1}, c_k = w_k with w_i = d(i / n), k = n - 1."""
+    d = DECAYS[scheme]
+    w = [None, *(d(i / n) for i in range(1, n))]
+    k = n - 1
+    expected = [1.0] if n == 1 else [1 - w[1], *(w[j] - w[j + 1] for j in range(1, k)), w[k]]
+    got = scheme_weights(n, scheme)
+    assert got == pytest.approx(expected, abs=1e-12)
+    assert (got >= 0).all()
+    assert math.isclose(got.sum(), 1.0, rel_tol=1e-12)
+
+
+@given(n=counts)
+def test_wsm_linear_is_the_equal_average(n):
+    assert scheme_weights(n, "wsm-linear") == pytest.approx(scheme_weights(n, "equal"), rel=1e-9)
+
+
+@pytest.mark.parametrize("scheme", WSM)
+def test_one_checkpoint_gets_weight_one_under_wsm(scheme):
+    assert scheme_weights(1, scheme).tolist() == [1.0]
+
+
+@given(n=st.integers(min_value=3, max_value=500))
+def test_wsm_shapes_weight_the_oldest_or_the_middle_most(n):
+    sqrt = scheme_weights(n, "wsm-1-sqrt")
+    assert sqrt.argmax() == 0 and (np.diff(sqrt) <= 1e-15).all()  # the oldest most
+    cosine = scheme_weights(n, "wsm-cosine")
+    assert 0 < cosine.argmax() < n - 1  # a peak inside the window
+    assert cosine == pytest.approx(cosine[::-1], abs=1e-12)  # symmetric about the middle

@@ -14,6 +14,7 @@ wavg.formats.registry).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -28,10 +29,11 @@ import numpy as np
 
 from wavg._runtime import signals_held
 from wavg.averaging.onerun import distance_warnings
-from wavg.averaging.ordering import epoch_numbers, order_checkpoints
+from wavg.averaging.ordering import order_checkpoints
 from wavg.averaging.partition import split_by_bytes
 from wavg.averaging.quantized import Requantizer, check_policy, mark_written, plan_quantized
 from wavg.averaging.schemes import DEFAULT_ALPHA, raw_weights
+from wavg.averaging.selection import Metric, select_windows
 from wavg.errors import (
     CheckpointError,
     CheckpointMismatch,
@@ -52,12 +54,12 @@ from wavg.formats.registry import (
     staged_output,
 )
 from wavg.storage.atomic import check_output_parent
-
-if TYPE_CHECKING:
-    from wavg.formats.sharded.parts import PartRun
 from wavg.storage.descriptors import OPEN_FILES
 from wavg.storage.globs import expand_inputs
 from wavg.storage.locations import Location, as_location, identity_key
+
+if TYPE_CHECKING:
+    from wavg.formats.sharded.parts import PartRun
 
 # Items per block: 256 Ki items keeps a worker's float64 sum and scratch at 4 MiB, within
 # the caches the sum is added in, and cuts a small model (MobileNetV2: 3.5 M weights) into
@@ -69,7 +71,7 @@ WORKERS = 2
 # The one-run check compares every DISTANCE_STRIDE-th run of SAMPLE_ROW items of each input
 # with the newest's (all of a unit under DISTANCE_STRIDE runs): contiguous runs cost far less
 # per item than a strided sample, and 1/32 of millions of weights estimates their distance
-# far more finely than the 25% limit needs. Measured cost: see bench/README.md.
+# far more finely than the 25% limit needs. Measured cost: see README, Performance.
 DISTANCE_STRIDE = 32
 SAMPLE_ROW = 1024
 # ... in 1 large unit in UNIT_STRIDE (every small one): a compared unit copies each input's
@@ -79,6 +81,8 @@ UNIT_STRIDE = 4
 _EXTENDED = np.longdouble if np.finfo(np.longdouble).nmant > 52 else np.float64
 
 Progress = Callable[[int, int], None]
+Pieces = tuple[Tensor, int, list[np.ndarray]]  # a tensor, a first item, each window's items
+WINDOW_FIELD = "{n}"  # in the output name of several windows, replaced by each window's N
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,18 @@ class CombinePlan:
     alpha: float | None
     raw_weights: list[float]  # unnormalised, as summed (1 for equal, 1..n for linear)
     warnings: list[str] = field(default_factory=list)  # e.g. unfinished Orbax steps skipped
+    metric: str | None = None  # the metric selected or reported by (--by)
+    values: list[float] | None = None  # its value for each input
+    size: int | None = None  # the N of --last N / --best N this window was asked with
+
+
+@dataclass(frozen=True)
+class WindowsPlan:
+    """Several windows averaged in one pass: `inputs` is every file a window needs, oldest
+    first, each read once; `windows` are the windows' own plans."""
+
+    inputs: list[Location]
+    windows: list[CombinePlan]
 
 
 @dataclass
@@ -116,6 +132,8 @@ class CombineSummary:
     requantized_layers: int = 0  # quantized layers averaged and requantized
     bytes_fetched: int = 0  # from object storage (0 for local inputs)
     requests: int = 0  # requests made to object storage
+    metric: str | None = None  # --by: the metric, whose value each input shows
+    values: list[float] | None = None
     part: str | None = None  # "I/N" when only part I of N was written (--part)
 
     def to_json(self) -> dict:
@@ -125,10 +143,38 @@ class CombineSummary:
             {"path": str(p), "epoch": e, "weight": w}
             for p, e, w in zip(self.inputs, self.epochs, self.weights, strict=True)
         ]
-        del data["epochs"], data["weights"]
+        for entry, value in zip(data["inputs"], self.values or (), strict=False):
+            entry["value"] = value
+        del data["epochs"], data["weights"], data["values"]
+        if self.metric is None:  # the keys of a plain combine stay as they were
+            del data["metric"]
         if self.part is None:  # only a --part run says which part it wrote
             del data["part"]
         data["output"] = str(self.output)
+        data["seconds"] = round(self.seconds, 6)
+        return data
+
+
+@dataclass
+class WindowsSummary:
+    """What one pass over several windows did: each window's summary (its inputs, weights,
+    output, bytes written) and, for the whole pass, the bytes read and the time."""
+
+    windows: list[CombineSummary]
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    dry_run: bool
+    bytes_fetched: int = 0
+    requests: int = 0
+
+    def to_json(self) -> dict:
+        """``{"windows": [...], "bytes_read": ..., ...}``; a window omits the pass's fields."""
+        data = asdict(self)
+        per_pass = ("bytes_read", "seconds", "dry_run", "bytes_fetched", "requests")
+        data["windows"] = [
+            {k: v for k, v in w.to_json().items() if k not in per_pass} for w in self.windows
+        ]
         data["seconds"] = round(self.seconds, 6)
         return data
 
@@ -141,32 +187,101 @@ def plan_combine(
     weights: Sequence[float] | None = None,
     order: str = "natural",
     last: int | None = None,
+    best: int | None = None,
+    by: str | None = None,
+    every: int | None = None,
+    metrics: str | os.PathLike[str] | None = None,
+    metrics_epoch_base: int = 1,
 ) -> CombinePlan:
-    """Order the files (oldest first) and weight them; reads no file contents.
+    """Order the files (oldest first), select and weight them; reads no checkpoint contents.
 
     `paths` is a list of names, or one name: ``plan_combine("ckpt/model_49*.h5")``; anything
     else (bytes, a number) is a TypeError. Names may be URLs; quoted globs are expanded (see
     `wavg.storage.globs.expand_inputs`), and a directory of checkpoints (an OrbaxCheckpoint
     root) stands for its committed steps; any other directory is refused, naming the glob of
-    the checkpoints it holds.
-    Custom `weights` are in the final order, oldest first, after `last` is applied.
+    the checkpoints it holds. Custom `weights` are in the final order, oldest first, after
+    the selection. `every`,
+    `best`, `by` (``METRIC[:min|:max]``), `metrics` (a CSVLogger CSV or History JSON) and
+    `metrics_epoch_base` select as `wavg.averaging.selection` says.
     """
-    found, skipped = expand_checkpoint_dirs(expand_inputs(paths))
-    ordered = order_checkpoints(found, order, last)
-    if weights is not None:
-        scheme = "custom"
-    raw = raw_weights(len(ordered), "equal" if weights is not None else scheme, alpha, weights)
-    normalised = raw / raw.sum()
+    counts = {"last": [last] if last is not None else None}
+    counts["best"] = [best] if best is not None else None
+    selection = dict(every=every, metrics=metrics, metrics_epoch_base=metrics_epoch_base, by=by)
+    return plan_windows(
+        paths, scheme=scheme, alpha=alpha, weights=weights, order=order, **counts, **selection
+    ).windows[0]
 
-    return CombinePlan(
-        inputs=ordered,
-        epochs=epoch_numbers(ordered),
-        weights=[float(w) for w in normalised],
-        raw_weights=[float(w) for w in raw],
-        scheme=scheme,
-        alpha=float(alpha) if scheme == "exp" else None,
-        warnings=skipped,
+
+def plan_windows(
+    paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    *,
+    scheme: str = "equal",
+    alpha: float = DEFAULT_ALPHA,
+    weights: Sequence[float] | None = None,
+    order: str = "natural",
+    last: Sequence[int] | None = None,
+    best: Sequence[int] | None = None,
+    by: str | None = None,
+    every: int | None = None,
+    metrics: str | os.PathLike[str] | None = None,
+    metrics_epoch_base: int = 1,
+) -> WindowsPlan:
+    """`plan_combine` for one window per N of `last` (or of `best`), all read in one pass;
+    each window is weighted by the scheme over its own members."""
+    found, skipped = expand_checkpoint_dirs(expand_inputs(paths))
+    ordered = order_checkpoints(found, order)
+    for n in [*(last or ()), *(best or ())]:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            option = "--last" if n in (last or ()) else "--best"
+            raise UsageError(f"{option} must be a positive whole number, got {n!r}")
+    metric = Metric.parse(by) if by is not None else None
+    windows = select_windows(
+        ordered,
+        last=last,
+        best=best,
+        by=metric,
+        every=every,
+        metrics_file=metrics,
+        epoch_base=metrics_epoch_base,
     )
+    if weights is not None:
+        if len(windows) > 1:
+            raise UsageError("--weights weights one window; give one --last or --best count")
+        scheme = "custom"
+    plans = []
+    for window in windows:
+        n = len(window.members)
+        raw = raw_weights(n, "equal" if weights is not None else scheme, alpha, weights)
+        plans.append(
+            CombinePlan(
+                inputs=window.members,
+                epochs=window.epochs,
+                weights=[float(w) for w in raw / raw.sum()],
+                raw_weights=[float(w) for w in raw],
+                scheme=scheme,
+                alpha=float(alpha) if scheme == "exp" else None,
+                warnings=list(skipped),
+                metric=metric.name if metric is not None else None,
+                values=window.values,
+                size=window.size,
+            )
+        )
+    needed = {str(p) for plan in plans for p in plan.inputs}
+    return WindowsPlan([p for p in ordered if str(p) in needed], plans)
+
+
+def window_outputs(out: str | os.PathLike[str], plan: WindowsPlan) -> list[str]:
+    """The output of each window: `out` with ``{n}`` replaced by the window's N; several
+    windows need ``{n}`` in `out` (a usage error otherwise)."""
+    text = os.fspath(out)
+    if len(plan.windows) == 1 and WINDOW_FIELD not in text:
+        return [text]
+    if WINDOW_FIELD not in text:
+        raise UsageError(
+            f"-o {text}: several windows write several files; put {WINDOW_FIELD} in the name "
+            "(e.g. -o 'avg_n{n}.h5')"
+        )
+    return [text.replace(WINDOW_FIELD, str(w.size or len(w.inputs))) for w in plan.windows]
 
 
 def combine(
@@ -244,69 +359,149 @@ def run_plan(
     `part` ``(I, N)`` writes only part I's shards of a sharded ``.weights.json`` output and
     its record (`wavg.averaging.partition`); `commit_parts` joins the N parts afterwards.
     """
+    done = run_windows(
+        WindowsPlan(list(plan.inputs), [plan]),
+        [out],
+        allow_nonfinite=allow_nonfinite,
+        drop_optimizer=drop_optimizer,
+        dry_run=dry_run,
+        progress=progress,
+        on_ready=None if on_ready is None else (lambda ready: on_ready(ready.windows[0])),
+        block_items=block_items,
+        quantized=quantized,
+        max_shard_gb=max_shard_gb,
+        part=part,
+    )
+    (summary,) = done.windows
+    summary.bytes_read, summary.seconds = done.bytes_read, done.seconds
+    summary.bytes_fetched, summary.requests = done.bytes_fetched, done.requests
+    return summary
+
+
+def run_windows(
+    plan: WindowsPlan,
+    outs: Sequence[str | os.PathLike[str]],
+    *,
+    allow_nonfinite: bool = False,
+    drop_optimizer: bool = False,
+    dry_run: bool = False,
+    progress: Progress | None = None,
+    on_ready: Callable[[WindowsSummary], None] | None = None,
+    block_items: int = BLOCK_ITEMS,
+    quantized: str = "refuse",
+    max_shard_gb: float | None = None,
+    part: tuple[int, int] | None = None,
+) -> WindowsSummary:
+    """Carry out a `WindowsPlan`, writing window i to ``outs[i]`` (see `window_outputs`).
+
+    Each input is opened and read once; each window keeps its own float64 sum of a block and
+    adds the inputs it holds with its own weights, in the order its separate run would, so
+    each output equals that run's bit for bit. Each output is committed atomically; a failure
+    before the first commit leaves every output as it was. `max_shard_gb` and `part` as in
+    `run_plan`; `part` writes one window only.
+    """
     started = time.perf_counter()
-    out_location = as_location(out)
+    if len(outs) != len(plan.windows):
+        raise UsageError(f"{len(plan.windows)} windows need as many outputs, got {len(outs)}")
+    out_locations = [as_location(out) for out in outs]
+    if len({str(o) for o in out_locations}) != len(out_locations):
+        raise UsageError("two windows would write the same output; put {n} in the output name")
     check_policy(quantized)
     if part is not None and quantized != "refuse":
         raise UsageError("--quantized requantize cannot be combined with --part or --dask")
-    _refuse_output_among_inputs(out_location, plan.inputs)
+    if part is not None and len(plan.windows) > 1:
+        raise UsageError("--part and --dask write one output; give one --last or --best count")
+    for out_location in out_locations:
+        _refuse_output_among_inputs(out_location, plan.inputs)
     inputs: list[Checkpoint] = []  # filled as they open, so a failure closes those opened
-    with staged_output(out_location) as out_path:
-        check_output_parent(out_path)  # what the output may be is the format's to say, once opened
+    with contextlib.ExitStack() as staged:
+        out_paths = [staged.enter_context(staged_output(o)) for o in out_locations]
+        for out_path in out_paths:  # what the output may be is the format's to say, once opened
+            check_output_parent(out_path)
         # One open file per input, all or none (see wavg.storage.descriptors).
         kept_open = len(plan.inputs) if OPEN_FILES.take(len(plan.inputs)) else 0
         try:
             _open_inputs(plan.inputs, inputs, keep_open=kept_open > 0)
-            newest = inputs[-1]
-            requantizer = plan_quantized(inputs, plan.raw_weights, quantized, block_items)
-            _check_compatible(inputs, out_path, max_shard_gb, part is not None)
-            check_output(out_location, newest)
-            if requantizer is not None:
-                mark_written(newest, requantizer)
-            averaged = [t for t in newest.tensors.values() if t.averaged]
-            summary = CombineSummary(
-                inputs=list(plan.inputs),
-                epochs=list(plan.epochs),
-                weights=list(plan.weights),
-                scheme=plan.scheme,
-                alpha=plan.alpha,
-                output=out_location,
-                format=newest.layout.name,
-                tensors=len(averaged),
-                copied_tensors=len(newest.tensors) - len(averaged),
-                bytes_read=0,
-                bytes_written=0,
-                seconds=0.0,
-                dry_run=dry_run,
-                dropped_optimizer=drop_optimizer,
-                requantized_layers=requantizer.layers if requantizer is not None else 0,
-                part=f"{part[0]}/{part[1]}" if part is not None else None,
-            )
-            summary.warnings.extend(plan.warnings)
-            summary.warnings.extend(_copied_weight_warnings(newest))
+            by_path = {str(p): ckpt for p, ckpt in zip(plan.inputs, inputs, strict=True)}
+            members = [[by_path[str(p)] for p in window.inputs] for window in plan.windows]
+            raw = [_spread(window, plan.inputs) for window in plan.windows]
+            requantizer = plan_quantized(inputs, raw[0], quantized, block_items)
+            if requantizer is not None and len(plan.windows) > 1:
+                raise UsageError("--quantized requantize averages one window at a time")
+            _check_one_format(inputs)
+            for own, out_path in zip(members, out_paths, strict=True):
+                check_output_name(own[-1], out_path, max_shard_gb, part is not None)
+            _check_tensors(inputs)
+            summaries = []
+            for window, own, out_location in zip(plan.windows, members, out_locations, strict=True):
+                newest = own[-1]
+                check_output(out_location, newest)
+                if requantizer is not None:
+                    mark_written(newest, requantizer)
+                summaries.append(
+                    _window_summary(window, newest, out_location, dry_run, drop_optimizer)
+                )
+                summaries[-1].requantized_layers = requantizer.layers if requantizer else 0
+                summaries[-1].part = f"{part[0]}/{part[1]}" if part is not None else None
+            result = WindowsSummary(summaries, 0, 0, 0.0, dry_run)
             if on_ready is not None:
-                on_ready(summary)
+                on_ready(result)
             if not dry_run:
                 _write_average(
                     inputs,
-                    plan.raw_weights,
-                    out_path,
-                    summary,
+                    raw,
+                    [m[-1] for m in members],
+                    out_paths,
+                    result,
                     allow_nonfinite,
                     drop_optimizer,
                     progress,
                     block_items,
                     requantizer,
                     max_shard_gb,
-                    _part_run(part, plan, inputs, drop_optimizer, allow_nonfinite),
+                    _part_run(part, plan.windows[0], inputs, drop_optimizer, allow_nonfinite),
                 )
         finally:
             for ckpt in inputs:
                 ckpt.close()
             OPEN_FILES.give_back(kept_open)
-        summary.bytes_fetched = sum(c.file.bytes_fetched for c in inputs)
-        summary.requests = sum(c.file.requests for c in inputs)
-    summary.seconds = time.perf_counter() - started
+        result.bytes_fetched = sum(c.file.bytes_fetched for c in inputs)
+        result.requests = sum(c.file.requests for c in inputs)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _spread(window: CombinePlan, inputs: list[Location]) -> list[float]:
+    """The window's raw weights over all the pass's `inputs` (0 where it does not use one)."""
+    own = dict(zip(map(str, window.inputs), window.raw_weights, strict=True))
+    return [own.get(str(p), 0.0) for p in inputs]
+
+
+def _window_summary(
+    window: CombinePlan, newest: Checkpoint, out: Location, dry_run: bool, drop_optimizer: bool
+) -> CombineSummary:
+    """A window's summary before anything is written: its plan, format and tensor counts."""
+    averaged = sum(1 for t in newest.tensors.values() if t.averaged)
+    summary = CombineSummary(
+        inputs=list(window.inputs),
+        epochs=list(window.epochs),
+        weights=list(window.weights),
+        scheme=window.scheme,
+        alpha=window.alpha,
+        output=out,
+        format=newest.layout.name,
+        tensors=averaged,
+        copied_tensors=len(newest.tensors) - averaged,
+        bytes_read=0,
+        bytes_written=0,
+        seconds=0.0,
+        dry_run=dry_run,
+        dropped_optimizer=drop_optimizer,
+        metric=window.metric,
+        values=window.values,
+    )
+    summary.warnings.extend(window.warnings)
+    summary.warnings.extend(_copied_weight_warnings(newest))
     return summary
 
 
@@ -387,13 +582,9 @@ def _refuse_output_among_inputs(out: Location, inputs: list[Location]) -> None:
             raise UsageError(f"output {out} is the input {path}; inputs are never overwritten")
 
 
-def _check_compatible(
-    inputs: list[Checkpoint], out: Path, max_shard_gb: float | None, parted: bool = False
-) -> None:
-    """All inputs share the newest's format and averaged tensors (names, shapes, dtypes)."""
+def _check_tensors(inputs: list[Checkpoint]) -> None:
+    """All inputs hold the newest's averaged tensors (names, shapes, dtypes)."""
     newest = inputs[-1]
-    _check_one_format(inputs)
-    check_output_name(newest, out, max_shard_gb, parted)
     expected = {n: t for n, t in newest.tensors.items() if t.averaged}
     for ckpt in inputs[:-1]:
         ckpt.check_matches(newest)
@@ -450,9 +641,10 @@ def _dtype_name(t: Tensor) -> str:
 
 def _write_average(
     inputs: list[Checkpoint],
-    weights: list[float],
-    out: Path,
-    summary: CombineSummary,
+    windows: list[list[float]],
+    newest: list[Checkpoint],
+    outs: list[Path],
+    result: WindowsSummary,
     allow_nonfinite: bool,
     drop_optimizer: bool,
     progress: Progress | None,
@@ -461,34 +653,55 @@ def _write_average(
     max_shard_gb: float | None = None,
     part: PartRun | None = None,
 ) -> None:
-    newest = inputs[-1]
-    layout = newest.layout
-    averager = BlockAverager(inputs, weights, block_items, allow_nonfinite)
+    """Average `inputs` with each window's raw weights and write window i, whose newest
+    input is ``newest[i]``, to ``outs[i]``; the units are planned on the newest input of all,
+    whose tensors every input was checked against."""
+    averager = BlockAverager(inputs, windows, block_items, allow_nonfinite)
+    readers = len(averager.members)
+    current = outs[0]  # the output an OSError is reported for
 
     def keep(name: str) -> bool:
-        return not layout.is_optimizer(name)
+        return not newest[0].layout.is_optimizer(name)
 
     try:
-        keeping = keep if drop_optimizer else None
-        with open_output(newest, out, keeping, max_shard_gb, part) as writer:
+        with contextlib.ExitStack() as stack:
+            writers = []
+            keeping = keep if drop_optimizer else None
+            for ckpt, out in zip(newest, outs, strict=True):
+                current = out
+                writers.append(
+                    stack.enter_context(open_output(ckpt, out, keeping, max_shard_gb, part))
+                )
+            order = writers[0].order
+            for writer, out in zip(writers[1:], outs[1:], strict=False):
+                if writer.order != order:
+                    raise UsageError(
+                        f"{out}: its tensors are laid out differently; average it alone"
+                    )
             for ckpt, _ in averager.members:
-                ckpt.will_read(writer.order, len(averager.members))
-            tensors = [newest.tensors[name] for name in writer.order]
-            total = sum(t.nbytes for t in tensors) * len(averager.members)
+                ckpt.will_read(order, readers)
+            tensors = [inputs[-1].tensors[name] for name in order]
+            total = sum(t.nbytes for t in tensors) * readers
             done = 0
-            units = _ordered_blocks(averager, requantizer, tensors, newest, block_items)
-            for tensor, start, data in units:
-                writer.write(tensor, start, data)
-                done += data.nbytes * len(averager.members)
+            units = _ordered_blocks(averager, requantizer, tensors, inputs[-1], block_items)
+            for tensor, start, datas in units:
+                for writer, ckpt, data, out in zip(writers, newest, datas, outs, strict=True):
+                    current = out
+                    writer.write(ckpt.tensors[tensor.name], start, data)
+                done += datas[0].nbytes * readers
                 if progress is not None:
                     progress(done, total)
-            summary.bytes_read = done
+            result.bytes_read = done
             for ckpt in inputs:
                 ckpt.file.check_unchanged()
-            summary.bytes_written = writer.finish()
-        summary.warnings.extend(averager.one_run_warnings())
+            for writer, summary, out in zip(writers, result.windows, outs, strict=True):
+                current = out
+                summary.bytes_written = writer.finish()
+            result.bytes_written = sum(w.bytes_written for w in result.windows)
+        for summary, warnings in zip(result.windows, averager.one_run_warnings(), strict=True):
+            summary.warnings.extend(warnings)
     except OSError as exc:
-        raise OutputError(out, f"cannot write ({_reason(exc)})") from None
+        raise OutputError(current, f"cannot write ({_reason(exc)})") from None
 
 
 @dataclass(frozen=True)
@@ -572,9 +785,10 @@ def _ordered_blocks(
     tensors: list[Tensor],
     newest: Checkpoint,
     block_items: int,
-) -> Iterator[tuple[Tensor, int, np.ndarray]]:
-    """Every block in file order: a requantized layer's tensors from the requantizer, the
-    runs of other tensors between them from the averager (in units, see `plan_units`)."""
+) -> Iterator[Pieces]:
+    """Every block in file order, one array per window: a requantized layer's tensors from
+    the requantizer, the runs of other tensors between them from the averager (in units,
+    see `plan_units`)."""
     if requantizer is None:
         yield from averager.blocks(plan_units(newest, tensors, block_items))
         return
@@ -584,7 +798,8 @@ def _ordered_blocks(
             if run:  # (each call starts a pool: none for the empty run between two layers)
                 yield from averager.blocks(plan_units(newest, run, block_items))
             run = []
-            yield from requantizer.blocks(tensor)
+            for piece, start, data in requantizer.blocks(tensor):  # one window only
+                yield piece, start, [data]
         else:
             run.append(tensor)
     if run:
@@ -613,26 +828,33 @@ class BlockAverager:
     Reads (``preadv``) and numpy arithmetic both release the GIL, so two workers keep both
     cores busy while the caller writes the previous unit. The weights are the scheme's raw
     ones (all 1 for equal, 1..n for linear): inputs of weight 1 are added without a multiply,
-    and the sum is divided by the total weight once at the end. Memory is a
+    and the sum is divided by the total weight once at the end. Memory is
     few blocks per worker plus the blocks in flight, whatever the model size or input count.
+
+    Several windows (one list of raw weights over `inputs` each, 0 for an input a window
+    does not hold) share the reads: each input's block is read once and added to the sum of
+    every window that holds it, in input order, as that window's own run would add it.
     """
 
     def __init__(
         self,
         inputs: list[Checkpoint],
-        weights: list[float],
+        windows: list[list[float]],
         block_items: int,
         allow_nonfinite: bool,
     ) -> None:
-        self.members = [(c, w) for c, w in zip(inputs, weights, strict=True) if w > 0]
+        used = [i for i in range(len(inputs)) if any(ws[i] > 0 for ws in windows)]
+        self.members = [(inputs[i], max(ws[i] for ws in windows)) for i in used]
+        # Per window: (position in members, weight) of each input it holds, oldest first.
+        self.windows = [[(j, ws[i]) for j, i in enumerate(used) if ws[i] > 0] for ws in windows]
         self.block_items = block_items
         self.allow_nonfinite = allow_nonfinite
         self._local = threading.local()
-        # Sums, over every unit, of each member's squared distance to the newest member
-        # and (last) of the newest's squared norm, on the items `_sample` picks.
-        self.distances = np.zeros(len(self.members) + 1)
+        # Per window, sums over every unit of each of its members' squared distance to its
+        # newest member and (last) of the newest's squared norm, on the items `_sample` picks.
+        self.distances = [np.zeros(len(w) + 1) for w in self.windows]
 
-    def blocks(self, units: Iterable[Unit]) -> Iterator[tuple[Tensor, int, np.ndarray]]:
+    def blocks(self, units: Iterable[Unit]) -> Iterator[Pieces]:
         pending: deque[Future] = deque()
         pool = _started_pool(WORKERS)
         try:
@@ -652,16 +874,17 @@ class BlockAverager:
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _collect(self, future: Future) -> list[tuple[Tensor, int, np.ndarray]]:
+    def _collect(self, future: Future) -> list[Pieces]:
         pieces, distances = future.result()
-        self.distances += distances
+        for total, found in zip(self.distances, distances, strict=True):
+            total += found
         return pieces
 
-    def _buffers(self, dtype: type, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Sum, term and read buffers for a unit of `count` items.
+    def _buffers(self, dtype: type, count: int) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+        """Sum (one per window), term and read buffers for a unit of `count` items.
 
         Up to `block_items` items they are this thread's, reused from unit to unit. A larger
-        unit (a whole chunk of a chunked format) gets a sum and a read buffer of its own,
+        unit (a whole chunk of a chunked format) gets sums and a read buffer of its own,
         freed with it, so that no worker keeps the largest chunk's float64 sum for the rest
         of the run; the term buffer is used `block_items` items at a time either way.
         """
@@ -669,74 +892,90 @@ class BlockAverager:
         found = cache.get(dtype)
         if found is None:
             size = self.block_items
-            found = (np.empty(size, dtype), np.empty(size, dtype), np.empty(size * 8, np.uint8))
+            sums = [np.empty(size, dtype) for _ in self.windows]
+            found = (sums, np.empty(size, dtype), np.empty(size * 8, np.uint8))
             cache[dtype] = found
         if count <= self.block_items:
             return found
-        return np.empty(count, dtype), found[1], np.empty(count * 8, np.uint8)
+        sums = [np.empty(count, dtype) for _ in self.windows]
+        return sums, found[1], np.empty(count * 8, np.uint8)
 
-    def _average(
-        self, unit: Unit, compare: bool
-    ) -> tuple[list[tuple[Tensor, int, np.ndarray]], np.ndarray]:
-        """Average `unit`; with `compare`, also measure each input's distance to the newest
-        on a sample of it (see `DISTANCE_STRIDE`).
+    def _average(self, unit: Unit, compare: bool) -> tuple[list[Pieces], list[np.ndarray]]:
+        """Average `unit` for every window; with `compare`, also measure each window's
+        inputs' distance to its newest on a sample of them (see `DISTANCE_STRIDE`).
 
-        Each input's block is added to the float64 sum as it is read and dropped before the
+        Each input's block is added to the float64 sums as it is read and dropped before the
         next read (a chunked format hands over a fresh array per read); the compared
         samples (1/`DISTANCE_STRIDE` of a large unit) are kept until the newest's arrives
         last, so no input's whole block waits for it.
         """
         count = unit.count
         acc_dtype = _EXTENDED if unit.dtype == np.float64 else np.float64
-        acc_buf, term_buf, scratch = self._buffers(acc_dtype, count)
-        acc = acc_buf[:count]
-        total = acc_dtype(0)
-        last = len(self.members) - 1
-        distances = np.zeros(last + 2)
-        compare = compare and last > 0
+        acc_bufs, term_buf, scratch = self._buffers(acc_dtype, count)
+        accs = [buf[:count] for buf in acc_bufs]
+        totals = [acc_dtype(0) for _ in self.windows]
+        started = [False for _ in self.windows]
+        weights = [dict(window) for window in self.windows]
         diff_dtype = np.float64 if unit.dtype == np.float64 else np.float32
         samples: list[np.ndarray] = []
-        for i, (ckpt, w) in enumerate(self.members):
+        for i, (ckpt, _) in enumerate(self.members):
             block = unit.read(ckpt, scratch)
             if compare:
                 samples.append(_sample(block).astype(diff_dtype).ravel())
-            total += acc_dtype(w)
-            if i == 0:
-                if w == 1.0:
-                    np.copyto(acc, block)
-                else:
-                    np.multiply(block, acc_dtype(w), out=acc)
-            elif w == 1.0:
-                np.add(acc, block, out=acc)
-            else:
-                for lo in range(0, count, term_buf.size):
-                    hi = min(count, lo + term_buf.size)
-                    term = term_buf[: hi - lo]
-                    np.multiply(block[lo:hi], acc_dtype(w), out=term)
-                    np.add(acc[lo:hi], term, out=acc[lo:hi])
+            for k, acc in enumerate(accs):
+                w = weights[k].get(i)
+                if w is None:
+                    continue
+                totals[k] += acc_dtype(w)
+                _accumulate(acc, block, acc_dtype(w), term_buf, first=not started[k])
+                started[k] = True
             del block  # before the next read: a chunk may be all of a large array
+        distances = [np.zeros(len(window) + 1) for window in self.windows]
         if compare:
-            reference = samples[-1]
-            for i, sample in enumerate(samples[:-1]):
-                np.subtract(sample, reference, out=sample)
-                distances[i] = _squared_norm(sample, sample)
-            distances[-1] = _squared_norm(reference, reference)
-        acc /= total
-        # A sum is finite exactly when every term is (no overflow: |values| <= dtype max).
-        if not self.allow_nonfinite and not np.isfinite(acc.sum()):
-            self._raise_nonfinite(unit, scratch)
-        out = np.empty(count, dtype=unit.dtype)
-        np.copyto(out, acc, casting="unsafe")
-        return list(unit.pieces(out.view(unit.storage))), distances
+            self._distances(samples, distances)
+        outs = []
+        for k, acc in enumerate(accs):
+            acc /= totals[k]
+            # A sum is finite exactly when every term is (no overflow: |values| <= dtype max).
+            if not self.allow_nonfinite and not np.isfinite(acc.sum()):
+                self._raise_nonfinite(unit, scratch, k)
+            out = np.empty(count, dtype=unit.dtype)
+            np.copyto(out, acc, casting="unsafe")
+            outs.append(list(unit.pieces(out.view(unit.storage))))
+        pieces = [(t, start, [o[n][2] for o in outs]) for n, (t, start, _) in enumerate(outs[0])]
+        return pieces, distances
 
-    def one_run_warnings(self) -> list[str]:
-        """Warnings when an input is far from the newest (not one run; see wavg.averaging.onerun)."""
-        paths = [Path(ckpt.path) for ckpt, _ in self.members]
-        return distance_warnings(paths, list(self.distances[:-1]), float(self.distances[-1]))
+    def _distances(self, samples: list[np.ndarray], distances: list[np.ndarray]) -> None:
+        """Each window's members' squared distances to its newest member (computed once per
+        pair of inputs: windows of --last share their newest) and the newest's squared norm."""
+        found: dict[tuple[int, int], float] = {}
+        for window, into in zip(self.windows, distances, strict=True):
+            if len(window) < 2:
+                continue
+            newest = window[-1][0]
+            reference = samples[newest]
+            for m, (i, _) in enumerate(window[:-1]):
+                if (i, newest) not in found:
+                    diff = np.subtract(samples[i], reference)
+                    found[i, newest] = _squared_norm(diff, diff)
+                into[m] = found[i, newest]
+            if (newest, newest) not in found:
+                found[newest, newest] = _squared_norm(reference, np.empty_like(reference))
+            into[-1] = found[newest, newest]
 
-    def _raise_nonfinite(self, unit: Unit, scratch: np.ndarray) -> None:
-        """Name the first input (and tensor) whose part of `unit` holds NaN or Inf."""
-        for ckpt, _ in self.members:
+    def one_run_warnings(self) -> list[list[str]]:
+        """Each window's warnings when an input is far from its newest (not one run; see
+        wavg.averaging.onerun)."""
+        warnings = []
+        for window, distances in zip(self.windows, self.distances, strict=True):
+            paths = [Path(self.members[i][0].path) for i, _ in window]
+            warnings.append(distance_warnings(paths, list(distances[:-1]), float(distances[-1])))
+        return warnings
+
+    def _raise_nonfinite(self, unit: Unit, scratch: np.ndarray, window: int) -> None:
+        """Name the first input (and tensor) of a window whose part of `unit` holds NaN or Inf."""
+        for i, _ in self.windows[window]:
+            ckpt = self.members[i][0]
             block = unit.read(ckpt, scratch)
             for tensor, _, values in unit.pieces(block):
                 if not np.isfinite(values.astype(np.float64)).all():
@@ -746,9 +985,28 @@ class BlockAverager:
                         "(pass --allow-nonfinite to average it anyway)",
                     )
         names = ", ".join(t.name for t in unit.tensors[:3])
-        raise CheckpointError(
-            self.members[-1][0].path, f"the average of tensor {names} is not finite"
-        )
+        newest = self.members[self.windows[window][-1][0]][0]
+        raise CheckpointError(newest.path, f"the average of tensor {names} is not finite")
+
+
+def _accumulate(
+    acc: np.ndarray, block: np.ndarray, w: np.floating, term_buf: np.ndarray, first: bool
+) -> None:
+    """``acc = w * block`` (`first`) or ``acc += w * block``; no multiply for a weight of 1,
+    and the product made `term_buf`'s size at a time otherwise."""
+    if first:
+        if w == 1.0:
+            np.copyto(acc, block)
+        else:
+            np.multiply(block, w, out=acc)
+    elif w == 1.0:
+        np.add(acc, block, out=acc)
+    else:
+        for lo in range(0, acc.size, term_buf.size):
+            hi = min(acc.size, lo + term_buf.size)
+            term = term_buf[: hi - lo]
+            np.multiply(block[lo:hi], w, out=term)
+            np.add(acc[lo:hi], term, out=acc[lo:hi])
 
 
 def _squared_norm(values: np.ndarray, scratch: np.ndarray) -> float:

@@ -6,7 +6,11 @@ With i = 1 for the newest of n checkpoints:
 - ``equal``:  1/n each;
 - ``linear``: (n - i + 1)/n, the newest counts most;
 - ``exp``:    exp(-i/alpha); computed as exp(-(i-1)/alpha), which normalises to the same
-  weights but never underflows to an all-zero vector for a tiny alpha.
+  weights but never underflows to an all-zero vector for a tiny alpha;
+- ``wsm-linear``, ``wsm-cosine``, ``wsm-1-sqrt``: the merge coefficients that emulate a
+  learning-rate decay of that shape over the window (WSM, Tian et al., ICLR 2026; see
+  `wsm_weights`). These are not "newest weighted most": 1-sqrt weights the oldest most and
+  cosine peaks in the middle.
 """
 
 from __future__ import annotations
@@ -18,7 +22,13 @@ import numpy as np
 
 from wavg.errors import UsageError
 
-SCHEMES = ("equal", "linear", "exp")
+WSM_DECAYS = {
+    "wsm-linear": lambda x: 1.0 - x,
+    "wsm-cosine": lambda x: (1.0 + np.cos(np.pi * x)) / 2.0,
+    "wsm-1-sqrt": lambda x: 1.0 - np.sqrt(x),
+}
+SHAPES = ("equal", "linear", "exp")  # the newest weighted most (equal: as much)
+SCHEMES = (*SHAPES, *WSM_DECAYS)
 DEFAULT_ALPHA = 2.0
 
 
@@ -69,9 +79,28 @@ def raw_weights(
             raise UsageError(f"--alpha must be a positive number, got {alpha!r}")
         age = np.arange(n - 1, -1, -1, dtype=np.float64)  # 0 for the newest
         return np.exp(-age / alpha)
+    if scheme in WSM_DECAYS:
+        return wsm_weights(n, scheme)
     if scheme == "custom":
         raise UsageError("scheme 'custom' needs --weights")
     raise UsageError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+
+
+def wsm_weights(n: int, scheme: str) -> np.ndarray:
+    """WSM coefficients for `n` checkpoints theta_0 (oldest) ... theta_k (newest), k = n - 1.
+
+    With the decay shape d of `scheme` on [0, 1] and w_i = d(i / n) for i = 1..k:
+    c_0 = 1 - w_1, c_j = w_j - w_{j+1} (0 < j < k), c_k = w_k. They telescope to a sum of 1
+    and are non-negative because d never increases; one checkpoint gets 1, and wsm-linear
+    is the equal average.
+
+    >>> wsm_weights(4, "wsm-1-sqrt").round(3).tolist()
+    [0.5, 0.207, 0.159, 0.134]
+    """
+    w = WSM_DECAYS[scheme](np.arange(1, n, dtype=np.float64) / n)
+    upper = np.concatenate(([1.0], w))  # w_0 = d(0) = 1
+    lower = np.concatenate((w, [0.0]))  # w_n = d(1) = 0
+    return upper - lower
 
 
 def checked_custom(weights: Sequence[float], n: int) -> np.ndarray:

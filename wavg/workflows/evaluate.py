@@ -8,6 +8,10 @@ For n = 1 ... N it scores, on the test split, with the model's own compiled loss
   directory and loaded back, exactly as a user would;
 - ``<average>+bn`` (with ``bn_data``): each average after `wavg.workflows.bn_update` recomputed its
   BatchNorm statistics;
+- ``best:<average>`` (with ``by``): the same weight average of the n best checkpoints by a
+  logged metric (`wavg.averaging.selection`), so row n compares ``--last n`` (the
+  ``<average>`` column) with ``--best n --by METRIC`` side by side; ``every`` keeps every
+  K-th epoch first, for all columns;
 - ``greedy``: the greedy soup of the n newest (`wavg.workflows.soup`), chosen on held-out data, never
   on the data the table reports;
 - ``ensemble``: the mean of the n newest checkpoints' predictions (output averaging, which
@@ -37,8 +41,9 @@ import numpy as np
 
 from wavg.averaging.engine import combine as wavg_combine
 from wavg.averaging.onerun import one_run_warnings
-from wavg.averaging.ordering import epoch_numbers, order_checkpoints
-from wavg.averaging.schemes import DEFAULT_ALPHA, SCHEMES
+from wavg.averaging.ordering import order_checkpoints
+from wavg.averaging.schemes import DEFAULT_ALPHA, SCHEMES, SHAPES
+from wavg.averaging.selection import Metric, best_positions, select_windows
 from wavg.errors import CheckpointError, UsageError
 from wavg.formats.registry import local_copies
 from wavg.storage.globs import expand_inputs
@@ -58,6 +63,7 @@ from wavg.workflows.soup import greedy as greedy_soup
 SCHEMA = "wavg.evaluate/1"
 SINGLE, ENSEMBLE, GREEDY = "single", "ensemble", "greedy"
 BN_SUFFIX = "+bn"
+BEST_PREFIX = "best:"
 
 Progress = Callable[[int, int], None]
 
@@ -86,6 +92,7 @@ class EvaluationResult:
     columns: list[str]
     scores: list[dict[str, dict[str, float]]]  # scores[n - 1][column][metric]
     warnings: list[str] = field(default_factory=list)
+    best_by: str | None = None  # the metric the best:<average> columns rank by
 
     @property
     def primary_metric(self) -> str:
@@ -110,6 +117,7 @@ class EvaluationResult:
 
     def to_dict(self) -> dict[str, Any]:
         """The ``--json`` document (schema ``wavg.evaluate/1``; keys are stable)."""
+        best_by = {"best_by": self.best_by} if self.best_by is not None else {}
         return {
             "schema": SCHEMA,
             "data": self.data,
@@ -132,6 +140,7 @@ class EvaluationResult:
                 for column in self.columns
             },
             "warnings": self.warnings,
+            **best_by,
         }
 
     def to_json(self) -> str:
@@ -152,7 +161,7 @@ class EvaluationResult:
 
 
 def averages_for(
-    schemes: Sequence[str] = SCHEMES,
+    schemes: Sequence[str] = SHAPES,
     alpha: float = DEFAULT_ALPHA,
     alphas: Sequence[float] | None = None,
 ) -> list[Average]:
@@ -184,7 +193,7 @@ def parse_list(text: str | None, option: str, convert: Callable[[str], Any] = st
 def evaluate(
     paths: Sequence[str | os.PathLike[str]],
     data: str | os.PathLike[str] | Dataset | None = None,
-    schemes: Sequence[str] = SCHEMES,
+    schemes: Sequence[str] = SHAPES,
     alpha: float = DEFAULT_ALPHA,
     alphas: Sequence[float] | None = None,
     max_n: int | None = None,
@@ -199,6 +208,10 @@ def evaluate(
     trust: bool = False,
     order: str = "natural",
     progress: Progress | None = None,
+    by: str | None = None,
+    every: int | None = None,
+    metrics: str | os.PathLike[str] | None = None,
+    metrics_epoch_base: int = 1,
 ) -> EvaluationResult:
     """Score single checkpoints, weight averages, the greedy soup and the output ensemble for
     n = 1 ... N.
@@ -212,9 +225,20 @@ def evaluate(
     data and no `soup_data`, the blobs validation split) and scored like every column; without
     held-out data the column is left out. With `bn_data`, each average column gets a twin
     ``<name>+bn``: the same average after `wavg.workflows.bn_update` on `bn_data`'s ``x_train``.
-    `progress(done, total)` is called as the work advances.
+    `progress(done, total)` is called as the work advances. `every`, `by`, `metrics` and
+    `metrics_epoch_base` select as `wavg.combine` does (`wavg.averaging.selection`): `every`
+    thins the checkpoints first; `by` adds a ``best:<average>`` column per average, the
+    average of the n best by that metric.
     """
-    ordered = order_checkpoints(expand_inputs(paths), order=order)
+    metric = Metric.parse(by) if by is not None else None
+    (pool,) = select_windows(
+        order_checkpoints(expand_inputs(paths), order=order),
+        by=metric,
+        every=every,
+        metrics_file=metrics,
+        epoch_base=metrics_epoch_base,
+    )
+    ordered = pool.members
     count = max_n if max_n is not None else len(ordered)
     if not 1 <= count <= len(ordered):
         raise UsageError(f"--max-n must be between 1 and {len(ordered)} (the files given)")
@@ -225,7 +249,8 @@ def evaluate(
     with tempfile.TemporaryDirectory(prefix="wavg-evaluate-") as tmp:
         scratch = Path(tmp)
         # Keras loads files: checkpoints in object storage are downloaded first.
-        members = local_copies(shown, scratch / "inputs")
+        copies = local_copies(ordered if metric is not None else shown, scratch / "inputs")
+        members = copies[-count:]
         if model is None and is_weights_only(members[-1]):
             raise CheckpointError(
                 shown[-1],
@@ -242,13 +267,16 @@ def evaluate(
         if bn_data is not None:
             prepare, _ = bn_preparer(net, members[-1], bn_data, batch_size)
         twins = list(columns) if bn_data is not None else []
-        steps = _Steps(progress, count * (1 + len(columns) + len(twins) + (held_out is not None)))
+        best = list(columns) if metric is not None else []
+        per_row = 1 + len(columns) + len(twins) + len(best) + (held_out is not None)
+        steps = _Steps(progress, count * per_row)
         predictions, vectors = [], []
         for path in members:
             predictions.append(scorer.predict_file(path))
             vectors.append(scorer.weight_vector())
             steps.advance()
         names = [SINGLE, *(c.name for c in columns), *(f"{c.name}{BN_SUFFIX}" for c in twins)]
+        names += [f"{BEST_PREFIX}{c.name}" for c in best]
         names += [GREEDY] if held_out is not None else []
         names += [ENSEMBLE] if ensemble else []
         soups = _GreedySoups(net, members, held_out, scorer, scratch) if held_out else None
@@ -266,6 +294,14 @@ def evaluate(
                     )
                     steps.advance()
                 averaged.unlink()
+            if best:
+                assert metric is not None and pool.values is not None
+                chosen = [copies[i] for i in best_positions(pool.values, n, metric)]
+                for column in best:
+                    averaged = _average(chosen, column, scratch, n, "best-")
+                    row[f"{BEST_PREFIX}{column.name}"] = scorer.score(scorer.predict_file(averaged))
+                    steps.advance()
+                    averaged.unlink()
             if soups is not None:
                 row[GREEDY] = soups.scores(n)
                 steps.advance()
@@ -273,12 +309,13 @@ def evaluate(
                 row[ENSEMBLE] = scorer.score(np.mean(predictions[-n:], axis=0))
     return EvaluationResult(
         checkpoints=shown,
-        epochs=epoch_numbers(shown),
+        epochs=pool.epochs[-count:],
         data=dataset.name,
         metrics=scorer.metric_names,
         columns=names,
         scores=scores,
         warnings=one_run_warnings(vectors, shown),
+        best_by=metric.name if metric is not None else None,
     )
 
 
@@ -348,7 +385,7 @@ class _Steps:
             self.report(self.done, self.total)
 
 
-def _average(members: Sequence[Path], column: Average, tmp: Path, n: int) -> Path:
-    out = tmp / f"{column.scheme}-{column.alpha:g}-{n}{suffix_of(members[-1])}"
+def _average(members: Sequence[Path], column: Average, tmp: Path, n: int, prefix: str = "") -> Path:
+    out = tmp / f"{prefix}{column.scheme}-{column.alpha:g}-{n}{suffix_of(members[-1])}"
     wavg_combine(members, out, scheme=column.scheme, alpha=column.alpha, order="given")
     return out
