@@ -162,7 +162,10 @@ def select_windows(
         if n > len(pool):
             option = "--best" if best is not None else "--last"
             left = f" kept by --every {every}" if every is not None else " given"
-            raise UsageError(f"{option} {n} asks for more checkpoints than the {len(pool)}{left}")
+            raise UsageError(  # refused, not clamped: fewer inputs would be a different average
+                f"{option} {n} asks for more checkpoints than the {len(pool)}{left}; pass "
+                f"{option} {len(pool)} or fewer, or leave {option} out to average all of them"
+            )
     if counts is None:
         return [Window(None, pool, epochs, values)]
     windows = []
