@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,6 +34,7 @@ from wavg.averaging.schemes import DEFAULT_ALPHA, raw_weights
 from wavg.errors import (
     CheckpointError,
     CheckpointMismatch,
+    CleanupWarning,
     NonFiniteValues,
     OutputError,
     UsageError,
@@ -394,7 +396,10 @@ def _write_average(
         return not layout.is_optimizer(name)
 
     try:
-        with newest.output(out, keep if drop_optimizer else None) as writer:
+        with (
+            warnings.catch_warnings(record=True, action="always", category=CleanupWarning) as seen,
+            newest.output(out, keep if drop_optimizer else None) as writer,
+        ):
             for ckpt, _ in averager.members:
                 ckpt.will_read(writer.order, len(averager.members))
             tensors = [newest.tensors[name] for name in writer.order]
@@ -410,6 +415,13 @@ def _write_average(
             for ckpt in inputs:
                 ckpt.file.check_unchanged()
             summary.bytes_written = writer.finish()
+        for warning in seen:  # a committed output's failed cleanup is the run's warning
+            if issubclass(warning.category, CleanupWarning):
+                summary.warnings.append(str(warning.message))
+            else:
+                warnings.showwarning(
+                    warning.message, warning.category, warning.filename, warning.lineno
+                )
         summary.warnings.extend(averager.one_run_warnings())
     except OSError as exc:
         raise OutputError(out, f"cannot write ({_reason(exc)})") from None
