@@ -82,3 +82,28 @@ def test_an_outage_right_after_a_folder_commit_warns_and_exits_0(s3, proxy, mult
     proxy.reset()
     assert run_wavg("combine", *multi.folders, "-o", target)[0] == 0
     assert "outage-folder/avg/stale.bin" not in keys(client, "outage-folder/avg/")
+
+
+def uploads(client, prefix: str) -> set[str]:
+    listing = client.list_multipart_uploads(Bucket=BUCKET, Prefix=prefix)
+    return {u["Key"] for u in listing.get("Uploads", [])}
+
+
+def left_unfinished(client, key: str) -> None:
+    """What a run cut off mid-upload leaves when its abort fails too: an upload begun, with a
+    part, never completed nor aborted."""
+    started = client.create_multipart_upload(Bucket=BUCKET, Key=key)
+    client.upload_part(
+        Bucket=BUCKET, Key=key, UploadId=started["UploadId"], PartNumber=1, Body=b"x" * 1024
+    )
+
+
+def test_the_next_run_for_an_output_aborts_the_upload_an_outage_left_unfinished(s3, samples, multi):
+    client, _ = s3
+    for key in ("stale/avg.h5", "stale/avg.h5.bak", "stale/dir/model.weights.h5"):
+        left_unfinished(client, key)
+    assert run_wavg("combine", *samples[:2], "-o", f"s3://{BUCKET}/stale/avg.h5")[0] == 0
+    assert uploads(client, "stale/") == {"stale/avg.h5.bak", "stale/dir/model.weights.h5"}
+    code, _, err = run_wavg("combine", *multi.folders, "-o", f"s3://{BUCKET}/stale/dir")
+    assert code == 0, err
+    assert uploads(client, "stale/") == {"stale/avg.h5.bak"}  # another output's: kept

@@ -19,7 +19,7 @@ from typing import Any
 from wavg.errors import CleanupWarning, OutputError
 from wavg.storage.atomic import CREATE_NEW
 from wavg.storage.locations import redact
-from wavg.storage.remote import _retrying, filesystem, upload
+from wavg.storage.remote import _retrying, abort_stale_uploads, filesystem, upload
 
 
 class BucketTarget:
@@ -130,6 +130,7 @@ class BucketTarget:
         the prefix that the new folder lacks are deleted. `check` judges the prefix at the
         start and again just before the upload (it may have changed since)."""
         check(self.folder_names())
+        abort_stale_uploads(self.url, folder=True)
         local = Path(tempfile.mkdtemp(dir=self.staging))
         yield local
         before = self.folder_names() or []

@@ -667,6 +667,43 @@ def upload(files: Sequence[tuple[Path, str]]) -> None:
         )
 
 
+def abort_stale_uploads(url: str, folder: bool = False) -> list[str]:
+    """Abort the unfinished multipart uploads of the object at `url` (with `folder`, of every
+    object under it as a prefix), returning their keys: what a run cut off by an outage left
+    when its own abort failed too. Called before a run uploads its output, so any upload
+    found is a dead run's (two runs writing one output at once are a race anyway). Best
+    effort: a backend without multipart listing (GCS, a local filesystem) or a missing
+    permission (``s3:ListBucketMultipartUploads``) leaves them to the bucket's lifecycle
+    rule (docs/bucket-lifecycle.md)."""
+    fs, path = filesystem(url)
+    if not hasattr(fs, "call_s3"):
+        return []
+    bucket, _, key = path.strip("/").partition("/")
+    prefix = key + "/" if folder else key
+    aborted: list[str] = []
+    markers: dict[str, str] = {}
+    try:
+        while True:
+            listing = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix, **markers)
+            for found in listing.get("Uploads", []):
+                if folder or found["Key"] == key:
+                    fs.call_s3(
+                        "abort_multipart_upload",
+                        Bucket=bucket,
+                        Key=found["Key"],
+                        UploadId=found["UploadId"],
+                    )
+                    aborted.append(found["Key"])
+            if not listing.get("IsTruncated"):
+                return aborted
+            markers = {
+                "KeyMarker": listing["NextKeyMarker"],
+                "UploadIdMarker": listing["NextUploadIdMarker"],
+            }
+    except Exception:
+        return aborted
+
+
 def check_output_bucket(url: str) -> None:
     """Refuse an output URL whose bucket is missing or unreadable before any work is done."""
     fs, key = filesystem(url)
