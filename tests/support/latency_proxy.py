@@ -23,12 +23,14 @@ _REQUEST_LINE = re.compile(rb"^([A-Z]+) (\S+) HTTP/1\.[01]\r\n")
 @dataclass
 class Turn:
     """One request and its response on one connection: when the request arrived at the
-    proxy, when the last response byte left it, and the request line's method and path."""
+    proxy, when the last response byte left it, the request line's method and path, and the
+    response's bytes (headers included)."""
 
     start: float
     end: float
     method: str
     path: str
+    served: int = 0
 
 
 class LatencyProxy:
@@ -151,3 +153,4 @@ class LatencyProxy:
             turn = current[0]
             if turn is not None and not data.startswith(b"HTTP/1.1 100 "):
                 turn.end = time.monotonic()
+                turn.served += len(data)

@@ -38,7 +38,8 @@ GAP = 64 << 10  # planned ranges closer than this are fetched as one
 CHUNK = 32 << 20  # largest single prefetch request (a request costs latency, not bytes)
 MIN_CHUNK = 256 << 10
 BUDGET = 256 << 20  # bytes fetched ahead and not yet read, over all inputs
-FETCHERS = 16  # concurrent prefetch requests
+FETCHERS = 16  # concurrent requests, unless WAVG_MAX_REQUESTS says otherwise
+MAX_REQUESTS_ENV = "WAVG_MAX_REQUESTS"
 ATTEMPTS = 4  # tries per request for transient errors (the backend may retry inside each)
 BACKOFF_SECONDS = 0.5  # doubled after each failed try
 
@@ -152,8 +153,9 @@ def filesystem(url: str) -> tuple[Any, str]:
         from fsspec.registry import known_implementations
     except ImportError:
         raise UsageError(f"{display}: reading URLs needs fsspec: pip install '{extra}'") from None
+    options = _options(protocol)
     try:
-        fs, path = url_to_fs(url)
+        fs, path = url_to_fs(url, **options)
     except ImportError:
         package = re.search(
             r"[Ii]nstall (\S+)", known_implementations.get(protocol, {}).get("err", "")
@@ -170,6 +172,14 @@ def filesystem(url: str) -> tuple[Any, str]:
     if protocol in _BUCKETED and "/" not in path.strip("/"):
         raise CheckpointError(display, f"not an object URL (expected {protocol}://bucket/key)")
     return fs, path
+
+
+def _options(protocol: str) -> dict[str, Any]:
+    """Backend options: S3's client keeps 10 connections unless told more, which would cap
+    the requests in flight below `requests_in_flight`."""
+    if protocol in ("s3", "s3a"):
+        return {"config_kwargs": {"max_pool_connections": requests_in_flight()}}
+    return {}
 
 
 def _bucket_missing(fs: Any, path: str) -> bool:
@@ -192,6 +202,18 @@ def _identity(info: dict) -> tuple:
         if info.get(key) is not None:
             return (info.get("size"), key, str(info[key]))
     return (info.get("size"),)
+
+
+def requests_in_flight() -> int:
+    """How many requests to object storage a run keeps in flight at most: prefetches, and
+    inputs opened at once. `FETCHERS` unless the environment variable ``WAVG_MAX_REQUESTS``
+    gives another positive number (a slow or rate-limited endpoint may want fewer)."""
+    value = os.environ.get(MAX_REQUESTS_ENV, "").strip()
+    if not value:
+        return FETCHERS
+    if not value.isdigit() or int(value) < 1:
+        raise UsageError(f"{MAX_REQUESTS_ENV}={value!r}: expected a positive whole number")
+    return int(value)
 
 
 def glob_urls(pattern: str) -> list[str]:
@@ -256,7 +278,7 @@ class _Prefetcher:
                 heapq.heappush(self.heap, (chunk.key, next(self._seq), file, chunk))
             # Held signals: one raised while `Thread.start` waits breaks threading's books.
             with signals_held():
-                while len(self._threads) < FETCHERS:
+                while len(self._threads) < requests_in_flight():
                     thread = threading.Thread(target=self._work, name="wavg-fetch", daemon=True)
                     thread.start()
                     self._threads.append(thread)
