@@ -37,7 +37,10 @@ MAX_PAGES = 1024  # per input: 32 MiB of cached metadata at most
 GAP = 64 << 10  # planned ranges closer than this are fetched as one
 CHUNK = 32 << 20  # largest single prefetch request (a request costs latency, not bytes)
 MIN_CHUNK = 256 << 10
-BUDGET = 256 << 20  # bytes fetched ahead and not yet read, over all inputs
+BUDGET = 128 << 20  # bytes held for reads ahead, over all inputs (see `_Prefetcher`)
+# A chunk being fetched is held twice: the client collects the response body in pieces and
+# joins them into one bytes object, so until the join is done both are in memory.
+HELD_WHILE_FETCHING = 2
 FETCHERS = 16  # concurrent requests, unless WAVG_MAX_REQUESTS says otherwise
 MAX_REQUESTS_ENV = "WAVG_MAX_REQUESTS"
 ATTEMPTS = 4  # tries per request for transient errors (the backend may retry inside each)
@@ -260,9 +263,11 @@ class _Prefetcher:
     """Fetches planned chunks of all inputs in the order the reader will want them.
 
     The order key is (position in the reader's plan, offset in that range, input): the
-    averaging core reads one block of every input before the next block. At most `BUDGET`
-    bytes are held ahead of the reader; a reader that needs a chunk nobody fetched yet
-    fetches it itself, so a full budget slows prefetching down but never blocks a read.
+    averaging core reads one block of every input before the next block. `used` counts the
+    bytes actually held: a chunk in flight `HELD_WHILE_FETCHING` times its size, a fetched
+    one once, until the reader has taken all of it. Prefetching keeps `used` within
+    `BUDGET`; a reader that needs a chunk nobody fetched yet fetches it itself, so a full
+    budget slows prefetching down but never blocks a read.
     """
 
     def __init__(self) -> None:
@@ -290,10 +295,13 @@ class _Prefetcher:
                 while True:
                     while self.heap and self.heap[0][3].state != PENDING:
                         heapq.heappop(self.heap)
-                    if self.heap and (self.used == 0 or self.used + self.heap[0][3].size <= BUDGET):
+                    if self.heap and (
+                        self.used == 0
+                        or self.used + self.heap[0][3].size * HELD_WHILE_FETCHING <= BUDGET
+                    ):
                         _, _, file, chunk = heapq.heappop(self.heap)
                         chunk.state = FETCHING
-                        self.used += chunk.size
+                        self.used += chunk.size * HELD_WHILE_FETCHING
                         break
                     self.cond.wait()
             self.fill(file, chunk)
@@ -307,8 +315,9 @@ class _Prefetcher:
             error = exc
         with self.cond:
             if chunk.state == DROPPED:  # its input was closed meanwhile
-                self.used -= chunk.size
+                self.used -= chunk.size * HELD_WHILE_FETCHING
             else:
+                self.used -= chunk.size * (HELD_WHILE_FETCHING - 1)  # joined: held once
                 chunk.data, chunk.error, chunk.state = data, error, READY
             self.cond.notify_all()
 
@@ -319,7 +328,7 @@ class _Prefetcher:
             mine = chunk.state == PENDING
             if mine:
                 chunk.state = FETCHING
-                self.used += chunk.size
+                self.used += chunk.size * HELD_WHILE_FETCHING
             while chunk.state == FETCHING and not mine:
                 self.cond.wait()
         if mine:
@@ -600,12 +609,14 @@ class RemoteFile:
     def will_read(self, ranges: Sequence[tuple[int, int]], readers: int = 1) -> None:
         """Plan the ranges the reader will take, in its order, and start fetching them.
 
-        Chunks are sized so that one per reader fits the budget: with `readers` inputs read
-        in lockstep, each holds at most ``BUDGET / readers`` bytes ahead (at least
-        `MIN_CHUNK`), so read-ahead memory stays bounded whatever the input count.
+        Chunks are sized so that two per reader fit the budget while they are in flight:
+        with `readers` inputs read in lockstep, each chunk is at most ``BUDGET / (2 *
+        HELD_WHILE_FETCHING * readers)`` bytes (at least `MIN_CHUNK`), so read-ahead memory
+        stays bounded whatever the input count and the link stays busy meanwhile.
         """
         _prefetcher.forget(self._chunks)
-        size = max(MIN_CHUNK, min(CHUNK, BUDGET // max(1, readers)))
+        share = BUDGET // (2 * HELD_WHILE_FETCHING * max(1, readers))
+        size = max(MIN_CHUNK, min(CHUNK, share))
         chunks = plan_chunks(ranges, self._seq, size)
         chunks.sort(key=lambda c: c.start)
         self._chunks, self._starts = chunks, [c.start for c in chunks]
