@@ -31,9 +31,9 @@ from wavg.errors import CheckpointError, InputChanged, OutputError, UsageError, 
 from wavg.storage.local import Window
 from wavg.storage.locations import Url, identity_key, redact
 
-PAGE = 32 << 10  # metadata reads are served from pages of this size
+PAGE = 128 << 10  # metadata reads are served from pages of this size
 SMALL_READ = 4 * PAGE  # reads up to this size go through the page cache
-MAX_PAGES = 1024  # per input: 32 MiB of cached metadata at most
+MAX_PAGES = 256  # per input: 32 MiB of cached metadata at most
 GAP = 64 << 10  # planned ranges closer than this are fetched as one
 CHUNK = 32 << 20  # largest single prefetch request (a request costs latency, not bytes)
 MIN_CHUNK = 256 << 10
@@ -41,7 +41,7 @@ BUDGET = 128 << 20  # bytes held for reads ahead, over all inputs (see `_Prefetc
 # A chunk being fetched is held twice: the client collects the response body in pieces and
 # joins them into one bytes object, so until the join is done both are in memory.
 HELD_WHILE_FETCHING = 2
-FETCHERS = 16  # concurrent requests, unless WAVG_MAX_REQUESTS says otherwise
+FETCHERS = 64  # concurrent requests, unless WAVG_MAX_REQUESTS says otherwise
 MAX_REQUESTS_ENV = "WAVG_MAX_REQUESTS"
 ATTEMPTS = 4  # tries per request for transient errors (the backend may retry inside each)
 BACKOFF_SECONDS = 0.5  # doubled after each failed try
@@ -609,13 +609,14 @@ class RemoteFile:
     def will_read(self, ranges: Sequence[tuple[int, int]], readers: int = 1) -> None:
         """Plan the ranges the reader will take, in its order, and start fetching them.
 
-        Chunks are sized so that two per reader fit the budget while they are in flight:
-        with `readers` inputs read in lockstep, each chunk is at most ``BUDGET / (2 *
+        Chunks are sized so that one per reader fits the budget while it is in flight: with
+        `readers` inputs read in lockstep, each chunk is at most ``BUDGET / (
         HELD_WHILE_FETCHING * readers)`` bytes (at least `MIN_CHUNK`), so read-ahead memory
-        stays bounded whatever the input count and the link stays busy meanwhile.
+        stays bounded whatever the input count, in as few requests as that allows (each
+        costs a round trip, and some servers work per request in proportion to the object).
         """
         _prefetcher.forget(self._chunks)
-        share = BUDGET // (2 * HELD_WHILE_FETCHING * max(1, readers))
+        share = BUDGET // (HELD_WHILE_FETCHING * max(1, readers))
         size = max(MIN_CHUNK, min(CHUNK, share))
         chunks = plan_chunks(ranges, self._seq, size)
         chunks.sort(key=lambda c: c.start)
