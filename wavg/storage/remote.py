@@ -609,14 +609,15 @@ class RemoteFile:
     def will_read(self, ranges: Sequence[tuple[int, int]], readers: int = 1) -> None:
         """Plan the ranges the reader will take, in its order, and start fetching them.
 
-        Chunks are sized so that one per reader fits the budget while it is in flight: with
-        `readers` inputs read in lockstep, each chunk is at most ``BUDGET / (
+        Chunks are sized so that two per reader fit the budget while they are in flight:
+        with `readers` inputs read in lockstep, each chunk is at most ``BUDGET / (2 *
         HELD_WHILE_FETCHING * readers)`` bytes (at least `MIN_CHUNK`), so read-ahead memory
-        stays bounded whatever the input count, in as few requests as that allows (each
-        costs a round trip, and some servers work per request in proportion to the object).
+        stays bounded whatever the input count, and each input's next chunk is on its way
+        while the reader takes the current one (one chunk each would leave the link idle
+        for a round trip per chunk).
         """
         _prefetcher.forget(self._chunks)
-        share = BUDGET // (HELD_WHILE_FETCHING * max(1, readers))
+        share = BUDGET // (2 * HELD_WHILE_FETCHING * max(1, readers))
         size = max(MIN_CHUNK, min(CHUNK, share))
         chunks = plan_chunks(ranges, self._seq, size)
         chunks.sort(key=lambda c: c.start)
