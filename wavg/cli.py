@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +40,7 @@ from wavg.averaging.ordering import ORDERS
 from wavg.averaging.quantized import POLICIES
 from wavg.averaging.schemes import DEFAULT_ALPHA, SCHEMES, parse_weight_list
 from wavg.averaging.selection import parse_counts
-from wavg.errors import EXIT_INTERRUPTED, EXIT_USAGE, UsageError, WavgError
+from wavg.errors import EXIT_INTERRUPTED, EXIT_USAGE, CleanupWarning, UsageError, WavgError
 from wavg.extras import missing_reported, require
 
 if TYPE_CHECKING:
@@ -647,6 +648,7 @@ def _size(n: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point."""
     _install_signal_handlers()
+    _report_cleanup_warnings()
     return cli.main(args=argv, prog_name="wavg", standalone_mode=False)
 
 
@@ -675,6 +677,20 @@ def _run_reporting_errors(run: Callable[[], object]) -> int:
         _fail("interrupted; no output was written")
         return EXIT_INTERRUPTED
     return result if isinstance(result, int) else 0
+
+
+def _report_cleanup_warnings() -> None:
+    """A cleanup that failed after a commit (`CleanupWarning`, e.g. from `wavg commit` or a
+    --dask run's commit) is one ``wavg: warning:`` line like every other warning."""
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, CleanupWarning):
+            _warn(str(message))
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
 
 
 def _fail(message: str) -> None:

@@ -72,6 +72,12 @@ class OutputError(WavgError):
         super().__init__(f"{self.path}: {problem}")
 
 
+class CleanupWarning(UserWarning):
+    """Tidying up after a committed output failed (an outage right after the commit): the
+    new output is complete and the run succeeds; what is left, the next run for that output
+    removes. Raised with `warnings.warn`; `combine` reports it among its warnings."""
+
+
 class Interrupted(WavgError):
     """The run was stopped by a signal; the output path was left as it was."""
 

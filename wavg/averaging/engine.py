@@ -18,12 +18,13 @@ import contextlib
 import os
 import threading
 import time
+import warnings
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
@@ -37,6 +38,7 @@ from wavg.averaging.selection import Metric, select_windows
 from wavg.errors import (
     CheckpointError,
     CheckpointMismatch,
+    CleanupWarning,
     NonFiniteValues,
     OutputError,
     UsageError,
@@ -57,6 +59,9 @@ from wavg.storage.atomic import check_output_parent
 from wavg.storage.descriptors import OPEN_FILES
 from wavg.storage.globs import expand_inputs
 from wavg.storage.locations import Location, as_location, identity_key
+from wavg.storage.remote import requests_in_flight
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from wavg.formats.sharded.parts import PartRun
@@ -526,21 +531,63 @@ def _part_run(
 
 
 def _open_inputs(paths: list, opened: list[Checkpoint], keep_open: bool) -> None:
-    """Open every input into `opened`, in order, so the first problem found is
-    the oldest input's; without `keep_open` each gives back its descriptors after opening
-    and reopens them per read. The oldest is walked and checked in full; every other input, the
-    newest included, is verified against the oldest's checked structure rather than walked
-    again, and walked only when that comparison fails (see Hdf5Checkpoint._predict_from). The
+    """Open every input into `opened`, in order; the problem reported is the oldest
+    input's; without `keep_open` each gives back its descriptors after opening and reopens
+    them per read. The oldest is walked and checked in full; every other input, the newest
+    included, is verified against the oldest's checked structure rather than walked again,
+    and walked only when that comparison fails (see Hdf5Checkpoint._predict_from). The
     newest's structure becomes the output's either way: a predicted one is the oldest's,
     byte for byte outside the tensors' values.
+
+    The others are opened at once, at most `requests_in_flight` at a time: an input in
+    object storage costs round trips to open (its object, its first bytes, its structure),
+    and concurrent opens wait for them together rather than one input after another.
     """
-    for i, path in enumerate(paths):
-        ckpt = open_checkpoint(path, like=opened[0] if i > 0 else None)
-        opened.append(ckpt)
+
+    def open_one(i: int) -> Checkpoint:
+        ckpt = open_checkpoint(paths[i], like=opened[0] if i > 0 else None)
         ckpt.trim()
         if not keep_open:
             ckpt.file.keep_open = False
             ckpt.release()
+        return ckpt
+
+    if paths:
+        opened.append(open_one(0))
+    done = _each_at_once(open_one, range(1, len(paths)))
+    opened.extend(f.result() for f in done if f.exception() is None)  # closed on failure
+    _first_error(done)
+
+
+def _each_at_once(call: Callable[[T], object], items: Iterable[T]) -> list[Future]:
+    """``call(item)`` for every item, at most `requests_in_flight` at a time; every call has
+    finished on return, failed or not (their futures, in the items' order)."""
+    items = list(items)
+    if len(items) <= 1:
+        return [_done(call, item) for item in items]
+    pool = ThreadPoolExecutor(min(requests_in_flight(), len(items)), "wavg-open")
+    try:
+        with signals_held():  # one raised while a thread starts breaks threading's books
+            futures = [pool.submit(call, item) for item in items]
+    finally:
+        pool.shutdown(wait=True)
+    return futures
+
+
+def _done(call: Callable[[T], object], item: T) -> Future:
+    future: Future = Future()
+    try:
+        future.set_result(call(item))
+    except Exception as exc:
+        future.set_exception(exc)
+    return future
+
+
+def _first_error(futures: Sequence[Future]) -> None:
+    """Raise the first item's failure, in the items' order (the oldest input's problem)."""
+    for future in futures:
+        if future.exception() is not None:
+            raise future.exception()
 
 
 def _copied_weight_warnings(newest: Checkpoint) -> list[str]:
@@ -664,7 +711,10 @@ def _write_average(
         return not newest[0].layout.is_optimizer(name)
 
     try:
-        with contextlib.ExitStack() as stack:
+        with (
+            warnings.catch_warnings(record=True, action="always", category=CleanupWarning) as seen,
+            contextlib.ExitStack() as stack,
+        ):
             writers = []
             keeping = keep if drop_optimizer else None
             for ckpt, out in zip(newest, outs, strict=True):
@@ -692,14 +742,24 @@ def _write_average(
                 if progress is not None:
                     progress(done, total)
             result.bytes_read = done
-            for ckpt in inputs:
-                ckpt.file.check_unchanged()
+            _first_error(_each_at_once(lambda ckpt: ckpt.file.check_unchanged(), inputs))
             for writer, summary, out in zip(writers, result.windows, outs, strict=True):
                 current = out
                 summary.bytes_written = writer.finish()
             result.bytes_written = sum(w.bytes_written for w in result.windows)
-        for summary, warnings in zip(result.windows, averager.one_run_warnings(), strict=True):
-            summary.warnings.extend(warnings)
+        for warning in seen:  # a committed output's failed cleanup is the run's warning
+            if issubclass(warning.category, CleanupWarning):
+                message = str(warning.message)
+                owner = next(
+                    (w for w in result.windows if str(w.output) in message), result.windows[0]
+                )
+                owner.warnings.append(message)
+            else:
+                warnings.showwarning(
+                    warning.message, warning.category, warning.filename, warning.lineno
+                )
+        for summary, found in zip(result.windows, averager.one_run_warnings(), strict=True):
+            summary.warnings.extend(found)
     except OSError as exc:
         raise OutputError(current, f"cannot write ({_reason(exc)})") from None
 

@@ -11,14 +11,15 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from wavg.errors import OutputError
+from wavg.errors import CleanupWarning, OutputError
 from wavg.storage.atomic import CREATE_NEW
 from wavg.storage.locations import redact
-from wavg.storage.remote import _retrying, filesystem, upload
+from wavg.storage.remote import _retrying, abort_stale_uploads, filesystem, upload
 
 
 class BucketTarget:
@@ -95,10 +96,15 @@ class BucketTarget:
         """Best effort: what is left is found again by the next run."""
         self._delete([f"{self.folder_key}/{name}"])
 
-    def _delete(self, keys: list[str]) -> None:
+    def _delete(self, keys: list[str]) -> list[str]:
+        """Remove `keys`, best effort; the keys left behind."""
+        left = []
         for key in keys:
-            with contextlib.suppress(Exception):
+            try:
                 self._call(lambda key=key: self.fs.rm_file(key))
+            except Exception:
+                left.append(key)
+        return left
 
     def sync(self) -> None:
         """Nothing to do: an object is durable once its upload returns."""
@@ -130,6 +136,7 @@ class BucketTarget:
         the prefix that the new folder lacks are deleted. `check` judges the prefix at the
         start and again just before the upload (it may have changed since)."""
         check(self.folder_names())
+        abort_stale_uploads(self.url, folder=True)
         local = Path(tempfile.mkdtemp(dir=self.staging))
         yield local
         before = self.folder_names() or []
@@ -139,4 +146,15 @@ class BucketTarget:
             key=lambda r: (r == last, r),
         )
         upload([(local / r, f"{self.url}/{r}") for r in files])
-        self._delete([f"{self.key}/{r}" for r in sorted(set(before) - set(files))])
+        # Committed: what the new folder lacks is removed as cleanup, and a failure is only
+        # reported (the next run's `before` finds it again).
+        left = self._delete([f"{self.key}/{r}" for r in sorted(set(before) - set(files))])
+        if left:
+            warnings.warn(
+                CleanupWarning(
+                    f"{self.display}: written, but {len(left)} object(s) of the previous "
+                    "output were not removed (storage unreachable); the next run for this "
+                    "output removes them"
+                ),
+                stacklevel=3,
+            )

@@ -31,14 +31,18 @@ from wavg.errors import CheckpointError, InputChanged, OutputError, UsageError, 
 from wavg.storage.local import Window
 from wavg.storage.locations import Url, identity_key, redact
 
-PAGE = 32 << 10  # metadata reads are served from pages of this size
+PAGE = 128 << 10  # metadata reads are served from pages of this size
 SMALL_READ = 4 * PAGE  # reads up to this size go through the page cache
-MAX_PAGES = 1024  # per input: 32 MiB of cached metadata at most
+MAX_PAGES = 256  # per input: 32 MiB of cached metadata at most
 GAP = 64 << 10  # planned ranges closer than this are fetched as one
 CHUNK = 32 << 20  # largest single prefetch request (a request costs latency, not bytes)
 MIN_CHUNK = 256 << 10
-BUDGET = 256 << 20  # bytes fetched ahead and not yet read, over all inputs
-FETCHERS = 16  # concurrent prefetch requests
+BUDGET = 128 << 20  # bytes held for reads ahead, over all inputs (see `_Prefetcher`)
+# A chunk being fetched is held twice: the client collects the response body in pieces and
+# joins them into one bytes object, so until the join is done both are in memory.
+HELD_WHILE_FETCHING = 2
+FETCHERS = 64  # concurrent requests, unless WAVG_MAX_REQUESTS says otherwise
+MAX_REQUESTS_ENV = "WAVG_MAX_REQUESTS"
 ATTEMPTS = 4  # tries per request for transient errors (the backend may retry inside each)
 BACKOFF_SECONDS = 0.5  # doubled after each failed try
 
@@ -152,8 +156,9 @@ def filesystem(url: str) -> tuple[Any, str]:
         from fsspec.registry import known_implementations
     except ImportError:
         raise UsageError(f"{display}: reading URLs needs fsspec: pip install '{extra}'") from None
+    options = _options(protocol)
     try:
-        fs, path = url_to_fs(url)
+        fs, path = url_to_fs(url, **options)
     except ImportError:
         package = re.search(
             r"[Ii]nstall (\S+)", known_implementations.get(protocol, {}).get("err", "")
@@ -170,6 +175,14 @@ def filesystem(url: str) -> tuple[Any, str]:
     if protocol in _BUCKETED and "/" not in path.strip("/"):
         raise CheckpointError(display, f"not an object URL (expected {protocol}://bucket/key)")
     return fs, path
+
+
+def _options(protocol: str) -> dict[str, Any]:
+    """Backend options: S3's client keeps 10 connections unless told more, which would cap
+    the requests in flight below `requests_in_flight`."""
+    if protocol in ("s3", "s3a"):
+        return {"config_kwargs": {"max_pool_connections": requests_in_flight()}}
+    return {}
 
 
 def _bucket_missing(fs: Any, path: str) -> bool:
@@ -192,6 +205,18 @@ def _identity(info: dict) -> tuple:
         if info.get(key) is not None:
             return (info.get("size"), key, str(info[key]))
     return (info.get("size"),)
+
+
+def requests_in_flight() -> int:
+    """How many requests to object storage a run keeps in flight at most: prefetches, and
+    inputs opened at once. `FETCHERS` unless the environment variable ``WAVG_MAX_REQUESTS``
+    gives another positive number (a slow or rate-limited endpoint may want fewer)."""
+    value = os.environ.get(MAX_REQUESTS_ENV, "").strip()
+    if not value:
+        return FETCHERS
+    if not value.isdigit() or int(value) < 1:
+        raise UsageError(f"{MAX_REQUESTS_ENV}={value!r}: expected a positive whole number")
+    return int(value)
 
 
 def glob_urls(pattern: str) -> list[str]:
@@ -238,9 +263,11 @@ class _Prefetcher:
     """Fetches planned chunks of all inputs in the order the reader will want them.
 
     The order key is (position in the reader's plan, offset in that range, input): the
-    averaging core reads one block of every input before the next block. At most `BUDGET`
-    bytes are held ahead of the reader; a reader that needs a chunk nobody fetched yet
-    fetches it itself, so a full budget slows prefetching down but never blocks a read.
+    averaging core reads one block of every input before the next block. `used` counts the
+    bytes actually held: a chunk in flight `HELD_WHILE_FETCHING` times its size, a fetched
+    one once, until the reader has taken all of it. Prefetching keeps `used` within
+    `BUDGET`; a reader that needs a chunk nobody fetched yet fetches it itself, so a full
+    budget slows prefetching down but never blocks a read.
     """
 
     def __init__(self) -> None:
@@ -256,7 +283,7 @@ class _Prefetcher:
                 heapq.heappush(self.heap, (chunk.key, next(self._seq), file, chunk))
             # Held signals: one raised while `Thread.start` waits breaks threading's books.
             with signals_held():
-                while len(self._threads) < FETCHERS:
+                while len(self._threads) < requests_in_flight():
                     thread = threading.Thread(target=self._work, name="wavg-fetch", daemon=True)
                     thread.start()
                     self._threads.append(thread)
@@ -268,10 +295,13 @@ class _Prefetcher:
                 while True:
                     while self.heap and self.heap[0][3].state != PENDING:
                         heapq.heappop(self.heap)
-                    if self.heap and (self.used == 0 or self.used + self.heap[0][3].size <= BUDGET):
+                    if self.heap and (
+                        self.used == 0
+                        or self.used + self.heap[0][3].size * HELD_WHILE_FETCHING <= BUDGET
+                    ):
                         _, _, file, chunk = heapq.heappop(self.heap)
                         chunk.state = FETCHING
-                        self.used += chunk.size
+                        self.used += chunk.size * HELD_WHILE_FETCHING
                         break
                     self.cond.wait()
             self.fill(file, chunk)
@@ -285,8 +315,9 @@ class _Prefetcher:
             error = exc
         with self.cond:
             if chunk.state == DROPPED:  # its input was closed meanwhile
-                self.used -= chunk.size
+                self.used -= chunk.size * HELD_WHILE_FETCHING
             else:
+                self.used -= chunk.size * (HELD_WHILE_FETCHING - 1)  # joined: held once
                 chunk.data, chunk.error, chunk.state = data, error, READY
             self.cond.notify_all()
 
@@ -297,7 +328,7 @@ class _Prefetcher:
             mine = chunk.state == PENDING
             if mine:
                 chunk.state = FETCHING
-                self.used += chunk.size
+                self.used += chunk.size * HELD_WHILE_FETCHING
             while chunk.state == FETCHING and not mine:
                 self.cond.wait()
         if mine:
@@ -578,12 +609,16 @@ class RemoteFile:
     def will_read(self, ranges: Sequence[tuple[int, int]], readers: int = 1) -> None:
         """Plan the ranges the reader will take, in its order, and start fetching them.
 
-        Chunks are sized so that one per reader fits the budget: with `readers` inputs read
-        in lockstep, each holds at most ``BUDGET / readers`` bytes ahead (at least
-        `MIN_CHUNK`), so read-ahead memory stays bounded whatever the input count.
+        Chunks are sized so that two per reader fit the budget while they are in flight:
+        with `readers` inputs read in lockstep, each chunk is at most ``BUDGET / (2 *
+        HELD_WHILE_FETCHING * readers)`` bytes (at least `MIN_CHUNK`), so read-ahead memory
+        stays bounded whatever the input count, and each input's next chunk is on its way
+        while the reader takes the current one (one chunk each would leave the link idle
+        for a round trip per chunk).
         """
         _prefetcher.forget(self._chunks)
-        size = max(MIN_CHUNK, min(CHUNK, BUDGET // max(1, readers)))
+        share = BUDGET // (2 * HELD_WHILE_FETCHING * max(1, readers))
+        size = max(MIN_CHUNK, min(CHUNK, share))
         chunks = plan_chunks(ranges, self._seq, size)
         chunks.sort(key=lambda c: c.start)
         self._chunks, self._starts = chunks, [c.start for c in chunks]
@@ -665,6 +700,43 @@ def upload(files: Sequence[tuple[Path, str]]) -> None:
             display,
             OutputError,
         )
+
+
+def abort_stale_uploads(url: str, folder: bool = False) -> list[str]:
+    """Abort the unfinished multipart uploads of the object at `url` (with `folder`, of every
+    object under it as a prefix), returning their keys: what a run cut off by an outage left
+    when its own abort failed too. Called before a run uploads its output, so any upload
+    found is a dead run's (two runs writing one output at once are a race anyway). Best
+    effort: a backend without multipart listing (GCS, a local filesystem) or a missing
+    permission (``s3:ListBucketMultipartUploads``) leaves them to the bucket's lifecycle
+    rule (docs/bucket-lifecycle.md)."""
+    fs, path = filesystem(url)
+    if not hasattr(fs, "call_s3"):
+        return []
+    bucket, _, key = path.strip("/").partition("/")
+    prefix = key + "/" if folder else key
+    aborted: list[str] = []
+    markers: dict[str, str] = {}
+    try:
+        while True:
+            listing = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix, **markers)
+            for found in listing.get("Uploads", []):
+                if folder or found["Key"] == key:
+                    fs.call_s3(
+                        "abort_multipart_upload",
+                        Bucket=bucket,
+                        Key=found["Key"],
+                        UploadId=found["UploadId"],
+                    )
+                    aborted.append(found["Key"])
+            if not listing.get("IsTruncated"):
+                return aborted
+            markers = {
+                "KeyMarker": listing["NextKeyMarker"],
+                "UploadIdMarker": listing["NextUploadIdMarker"],
+            }
+    except Exception:
+        return aborted
 
 
 def check_output_bucket(url: str) -> None:

@@ -89,9 +89,10 @@ def staged_upload(url: str) -> Iterator[Path]:
     path, as anywhere; when the block exits normally that file (if there is one: a dry run
     writes none) is uploaded whole. If the block raises, nothing more is uploaded.
     """
-    from wavg.storage.remote import check_output_bucket, upload
+    from wavg.storage.remote import abort_stale_uploads, check_output_bucket, upload
 
     check_output_bucket(url)
+    abort_stale_uploads(url)
     directory = Path(tempfile.mkdtemp(prefix="wavg-upload-"))
     _STAGED[directory] = url
     try:

@@ -59,6 +59,7 @@ class Hdf5Checkpoint(Checkpoint):
         # known; and its bytes outside the raw tensors, kept once another input asks.
         self._span: tuple[int, int] | None = None
         self._metadata: list[tuple[int, int, list[tuple[int, bytes]]]] | None = None
+        self._metadata_lock = threading.Lock()  # other inputs, opened at once, ask together
 
     def _open_weights(self) -> h5py.File:
         """The weights file through h5py (subclasses know where it lies)."""
@@ -124,6 +125,8 @@ class Hdf5Checkpoint(Checkpoint):
         metadata = like._metadata_bytes()
         if metadata is None:
             return False
+        if self.file.prefetches:  # one round trip for every run at once, not one each
+            self.file.will_read([(base_offset + start, length) for start, length, _ in metadata])
         for start, length, parts in metadata:
             data = memoryview(self.file.read_at(base_offset + start, length))
             if any(data[at : at + len(expected)] != expected for at, expected in parts):
@@ -148,30 +151,33 @@ class Hdf5Checkpoint(Checkpoint):
         the HDF5 file's start; one read spans the gaps around tensors of at most
         `MAX_READ_GAP` bytes (hundreds of small tensors: a few reads, not one per gap).
         """
-        if self._metadata is None and self._span is not None:
-            start, end = self._span
-            extents = [
-                (t.offset, t.offset + t.nbytes)
-                for t in self.tensors.values()
-                if t.offset is not None
-            ]
-            gaps = gaps_between(extents, start, end)
-            if sum(last - first for first, last in gaps) > MAX_PREDICTED_METADATA:
-                return None
-            runs: list[tuple[int, int, list[tuple[int, int]]]] = []
-            for first, last in gaps:
-                if runs and first - runs[-1][1] <= MAX_READ_GAP:
-                    runs[-1] = (runs[-1][0], last, runs[-1][2])
-                else:
-                    runs.append((first, last, []))
-                runs[-1][2].append((first, last))
-            metadata = []
-            for first, last, parts in runs:
-                data = self.file.read_at(first, last - first)
-                kept = [(a - first, data[a - first : b - first]) for a, b in parts]
-                metadata.append((first - start, last - first, kept))
-            self._metadata = metadata
+        with self._metadata_lock:
+            if self._metadata is None and self._span is not None:
+                self._metadata = self._read_metadata(*self._span)
         return self._metadata
+
+    def _read_metadata(self, start: int, end: int) -> list | None:
+        extents = [
+            (t.offset, t.offset + t.nbytes) for t in self.tensors.values() if t.offset is not None
+        ]
+        gaps = gaps_between(extents, start, end)
+        if sum(last - first for first, last in gaps) > MAX_PREDICTED_METADATA:
+            return None
+        runs: list[tuple[int, int, list[tuple[int, int]]]] = []
+        for first, last in gaps:
+            if runs and first - runs[-1][1] <= MAX_READ_GAP:
+                runs[-1] = (runs[-1][0], last, runs[-1][2])
+            else:
+                runs.append((first, last, []))
+            runs[-1][2].append((first, last))
+        if self.file.prefetches:  # all runs in one round trip
+            self.file.will_read([(first, last - first) for first, last, _ in runs])
+        metadata = []
+        for first, last, parts in runs:
+            data = self.file.read_at(first, last - first)
+            kept = [(a - first, data[a - first : b - first]) for a, b in parts]
+            metadata.append((first - start, last - first, kept))
+        return metadata
 
     @contextlib.contextmanager
     def weights_h5(self) -> Iterator[h5py.File]:

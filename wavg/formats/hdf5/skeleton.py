@@ -185,13 +185,17 @@ def lay_out_output(
 def copy_around_tensors(template: Hdf5Checkpoint, offsets: dict[str, int], dst_fd: int) -> None:
     """Give `dst_fd` the template's HDF5 bytes except the averaged tensors' (left as holes).
 
-    The copy stays in the kernel (``copy_file_range``) where the platform has it.
+    The copy stays in the kernel (``copy_file_range``) where the platform has it; from
+    object storage the gaps are fetched ahead together, not one small read after another.
     """
     start, length = template.weights_bytes()
     tensors = template.tensors
     extents = [(off, off + tensors[name].nbytes) for name, off in offsets.items()]
+    gaps = gaps_between(extents, 0, length)
+    if template.file.prefetches:
+        template.file.will_read([(start + first, last - first) for first, last in gaps])
     os.ftruncate(dst_fd, length)
-    for first, last in gaps_between(extents, 0, length):
+    for first, last in gaps:
         template.file.copy_range_to(dst_fd, start + first, first, last - first)
 
 

@@ -41,11 +41,12 @@ import os
 import re
 import socket
 import time
+import warnings
 from functools import cache
 from pathlib import Path
 
 from wavg._runtime import signals_held
-from wavg.errors import CheckpointError, OutputError
+from wavg.errors import CheckpointError, CleanupWarning, OutputError
 from wavg.formats.sharded.index import MAX_INDEX_BYTES, keras_base, parse_index
 from wavg.storage.atomic import TMP_MARKER, process_alive
 from wavg.storage.target import Target, target_for
@@ -179,10 +180,24 @@ class ShardedCommit:
                     for name in reversed(self.created):
                         self.target.delete(name)
                 return
-        # The new output is in place; tidying up is best effort (the next run finishes it).
-        with contextlib.suppress(OSError, OutputError):
-            if _retire(self.target, self.previous, set()):
-                self.target.delete(self.marker)
+        # The new output is in place; tidying up is cleanup (the next run finishes it).
+        try:
+            retired = _retire(self.target, self.previous, set())
+        except (OSError, OutputError) as exc:
+            problem = getattr(exc, "problem", None) or str(exc)
+            retired = False
+        else:
+            problem = "its index could not be read back"
+        if retired:
+            self.target.delete(self.marker)
+        else:
+            warnings.warn(
+                CleanupWarning(
+                    f"{self.target.display}: written, but the previous output's shards were "
+                    f"not removed ({problem}); the next run for this output removes them"
+                ),
+                stacklevel=2,
+            )
 
 
 def clean_leftovers(target: Target, own_token: str = "") -> None:
