@@ -156,7 +156,7 @@ def needs_extra(extra: str) -> Callable[[Callable[..., object]], Callable[..., o
     Before the command runs, every module of the extra must be importable (for "keras", with
     the backend KERAS_BACKEND selects); a later failed import of one of them is reported the
     same way: ``wavg: error: wavg soup needs keras, which is not installed; install it with:
-    pip install 'wavg[keras]'``, exit 2. `wavg --help` and `wavg soup --help` work regardless.
+    pip install '.[keras]'``, exit 2. `wavg --help` and `wavg soup --help` work regardless.
     """
 
     def decorate(command: Callable[..., object]) -> Callable[..., object]:

@@ -1,6 +1,6 @@
 """The optional dependencies (pip extras) of wavg, and the one-line error when one is missing.
 
-A plain ``pip install wavg`` brings only what `wavg combine` needs on local files; the Keras-side
+A plain ``pip install .`` (in wavg's source folder; wavg is not on PyPI) brings only what `wavg combine` needs on local files; the Keras-side
 commands, remote storage and Orbax need an extra. This module only asks importlib where a
 module would be found: it never imports an optional dependency itself.
 
@@ -37,8 +37,8 @@ _BACKEND_MODULES = {
     "openvino": "openvino",
 }
 _BACKEND_INSTALLS = {
-    "tensorflow": "pip install 'wavg[keras]'",
-    "jax": "pip install 'wavg[keras-jax]'",
+    "tensorflow": "pip install '.[keras]'",
+    "jax": "pip install '.[keras-jax]'",
 }
 
 
@@ -51,8 +51,10 @@ class MissingExtra(UsageError):
     def __init__(self, what: str, module: str, install: str) -> None:
         self.what, self.module, self.install = what, module, install
         role = " (the Keras backend)" if module in _BACKEND_MODULES.values() else ""
+        where = " in wavg's source folder" if install.startswith("pip install '.") else ""
         super().__init__(
-            f"{what} needs {module}{role}, which is not installed; install it with: {install}"
+            f"{what} needs {module}{role}, which is not installed; install it with: "
+            f"{install}{where}"
         )
 
 
@@ -89,15 +91,16 @@ def modules_of(extra: str) -> tuple[str, ...]:
 
 
 def install_command(extra: str, module: str | None = None) -> str:
-    """The exact pip command that brings `extra` (for ``keras``: on the selected backend)."""
+    """The exact pip command that brings `extra` (for ``keras``: on the selected backend), run
+    in wavg's source folder: wavg is installed from a clone, not from PyPI."""
     if extra != "keras":
-        return f"pip install 'wavg[{extra}]'"
+        return f"pip install '.[{extra}]'"
     backend = keras_backend()
     if backend in _BACKEND_INSTALLS:
         return _BACKEND_INSTALLS[backend]
     if module is not None and module == _BACKEND_MODULES.get(backend):
         return f"pip install {module}"  # torch or openvino: the user's own framework build
-    return "pip install 'wavg[keras-jax]'"  # Keras without TensorFlow; any backend added to it
+    return "pip install '.[keras-jax]'"  # Keras without TensorFlow; any backend added to it
 
 
 def require(extra: str, what: str) -> None:

@@ -20,7 +20,7 @@ except ModuleNotFoundError as exc:  # only Keras itself missing gets the hint; e
         raise
     raise ModuleNotFoundError(
         f"wavg.keras needs keras, which is not installed; install it with: "
-        f"{install_command('keras')}",
+        f"{install_command('keras')} in wavg's source folder",
         name="keras",
     ) from None
 

@@ -39,7 +39,7 @@ def test_evaluate_without_scikit_learn_names_the_command_and_the_pip_install(
         code,
         err,
         "wavg evaluate needs sklearn",
-        "pip install 'wavg[keras]'",
+        "pip install '.[keras]'",
         exit_code=EXIT_USAGE,
     )
     assert out == ""
@@ -53,7 +53,7 @@ def test_a_missing_jax_backend_asks_for_the_jax_extra(monkeypatch):
         code,
         err,
         "wavg evaluate needs jax (the Keras backend)",
-        "pip install 'wavg[keras-jax]'",
+        "pip install '.[keras-jax]'",
         exit_code=EXIT_USAGE,
     )
 
@@ -64,7 +64,11 @@ def test_train_save_without_keras_fails_before_creating_its_directory(
     monkeypatch.setitem(sys.modules, "keras", None)
     code, _, err = run_wavg("train-save", "--out-dir", tmp_path / "ckpt", "--epochs", 2)
     assert_one_line_error(
-        code, err, "wavg train-save needs keras", "'wavg[keras]'", exit_code=EXIT_USAGE
+        code,
+        err,
+        "wavg train-save needs keras",
+        "'.[keras]' in wavg's source folder",
+        exit_code=EXIT_USAGE,
     )
     assert not (tmp_path / "ckpt").exists()
 
@@ -90,7 +94,7 @@ def test_combine_needs_no_extra(monkeypatch, tmp_path):
 
 
 def test_only_a_missing_module_of_the_extra_is_reported_as_a_missing_extra():
-    expected = r"needs tensorstore.*pip install 'wavg\[orbax\]'"
+    expected = r"needs tensorstore.*pip install '\.\[orbax\]' in wavg's source folder"
     with pytest.raises(MissingExtra, match=expected), missing_reported("orbax", "wavg combine"):
         raise ModuleNotFoundError("No module named 'tensorstore'", name="tensorstore")
     # Any other failed import is a bug in wavg or a broken install: it must not be disguised.
@@ -104,11 +108,11 @@ def test_the_keras_backend_is_read_as_keras_reads_it(monkeypatch, tmp_path):
     assert keras_backend() == "tensorflow"
     (tmp_path / "keras.json").write_text(json.dumps({"backend": "jax"}))
     assert keras_backend() == "jax"
-    assert install_command("keras") == "pip install 'wavg[keras-jax]'"
+    assert install_command("keras") == "pip install '.[keras-jax]'"
     monkeypatch.setenv("KERAS_BACKEND", "torch")
     assert keras_backend() == "torch"
     assert install_command("keras", "torch") == "pip install torch"
-    assert install_command("s3") == "pip install 'wavg[s3]'"
+    assert install_command("s3") == "pip install '.[s3]'"
 
 
 def test_no_wavg_module_imports_tensorflow_except_to_make_it_deterministic():
@@ -167,5 +171,7 @@ def test_importing_the_callback_without_keras_names_the_pip_install(
 ):
     monkeypatch.setitem(sys.modules, "keras", None)
     monkeypatch.delitem(sys.modules, "wavg.keras", raising=False)
-    with pytest.raises(ModuleNotFoundError, match=r"pip install 'wavg\[keras\]'"):
+    with pytest.raises(
+        ModuleNotFoundError, match=r"pip install '\.\[keras\]' in wavg's source folder"
+    ):
         import wavg.keras  # noqa: F401

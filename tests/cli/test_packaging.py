@@ -130,7 +130,7 @@ def test_evaluate_without_the_keras_extra_fails_in_one_line(core_venv, tmp_path)
         assert done.stdout == ""
         assert done.stderr.splitlines() == [
             "wavg: error: wavg evaluate needs keras, which is not installed; install it with: "
-            f"pip install 'wavg[{extra}]'"
+            f"pip install '.[{extra}]' in wavg's source folder"
         ]
 
 

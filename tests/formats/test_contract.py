@@ -87,7 +87,7 @@ class TestOrbaxStep(FormatContract):
     def inputs(self, request) -> list[Path]:
         missing = [m for m in ("tensorstore", "orbax.checkpoint") if not _installed(m)]
         if missing:
-            pytest.skip(f"Orbax steps need {' and '.join(missing)} (pip install 'wavg[dev]')")
+            pytest.skip(f"Orbax steps need {' and '.join(missing)} (pip install '.[dev]')")
         root = request.getfixturevalue("orbax_roots") / "jax" / "functional"
         return [root / str(step) for step in (1, 2, 3)]
 

@@ -293,7 +293,7 @@ def test_combine_needs_neither_jax_nor_orbax_nor_keras(runs, tmp_path):
 
 def test_without_tensorstore_an_orbax_input_gets_the_install_hint(runs, tmp_path):
     done = _combine_without({"tensorstore"}, runs / "jax" / "functional", "-o", tmp_path / "out")
-    assert_one_line_error(done.returncode, done.stderr, "pip install 'wavg[orbax]'")
+    assert_one_line_error(done.returncode, done.stderr, "pip install '.[orbax]'")
     assert not (tmp_path / "out").exists()
 
 

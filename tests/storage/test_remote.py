@@ -204,7 +204,9 @@ def test_a_url_whose_backend_is_missing_gets_the_pip_command(tmp_path):
         f"sys.exit(main(['combine', 's3://b/run/m_1.h5', '-o', {str(tmp_path / 'a.h5')!r}]))"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    assert_one_line_error(done.returncode, done.stderr, "pip install 'wavg[s3]'", exit_code=2)
+    assert_one_line_error(
+        done.returncode, done.stderr, "pip install '.[s3]' in wavg's source folder", exit_code=2
+    )
 
 
 def test_credentials_and_query_strings_never_show_in_a_url():

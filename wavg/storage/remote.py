@@ -46,7 +46,7 @@ MAX_REQUESTS_ENV = "WAVG_MAX_REQUESTS"
 ATTEMPTS = 4  # tries per request for transient errors (the backend may retry inside each)
 BACKOFF_SECONDS = 0.5  # doubled after each failed try
 
-_EXTRAS = {"s3": "wavg[s3]", "s3a": "wavg[s3]", "gs": "wavg[gcs]", "gcs": "wavg[gcs]"}
+_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
 _BUCKETED = ("s3", "s3a", "gs", "gcs")
 _UNREACHABLE = (
     "EndpointConnectionError",
@@ -150,12 +150,14 @@ def filesystem(url: str) -> tuple[Any, str]:
     """
     display = redact(url)
     protocol = url.split("://", 1)[0].lower()
-    extra = _EXTRAS.get(protocol, "wavg[remote]")
+    extra = f".[{_EXTRAS.get(protocol, 'remote')}]"  # in wavg's source folder: not on PyPI
     try:
         from fsspec.core import url_to_fs
         from fsspec.registry import known_implementations
     except ImportError:
-        raise UsageError(f"{display}: reading URLs needs fsspec: pip install '{extra}'") from None
+        raise UsageError(
+            f"{display}: reading URLs needs fsspec: pip install '{extra}' in wavg's source folder"
+        ) from None
     options = _options(protocol)
     try:
         fs, path = url_to_fs(url, **options)
@@ -164,7 +166,7 @@ def filesystem(url: str) -> tuple[Any, str]:
             r"[Ii]nstall (\S+)", known_implementations.get(protocol, {}).get("err", "")
         )
         hint = (
-            f"pip install '{extra}'"
+            f"pip install '{extra}' in wavg's source folder"
             if protocol in _EXTRAS or not package
             else f"pip install {package[1]}"
         )

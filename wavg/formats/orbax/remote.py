@@ -3,7 +3,7 @@
 TensorStore reads the OCDBT store and its zarr3 arrays itself, as it does on disk; this
 module lists roots and steps through the kvstores `storage.tensorstore` opens, reads a
 step's small metadata files and watches the step for changes. Listing goes through
-TensorStore too, not fsspec: `wavg[orbax]` alone reads a bucket, and listing, metadata and
+TensorStore too, not fsspec: the ``orbax`` extra alone reads a bucket, and listing, metadata and
 arrays are fetched by one client with one set of credentials, endpoint and retries, so they
 cannot disagree.
 Imported only when a URL may be an Orbax root or step.

@@ -56,7 +56,9 @@ MODEL_CONFIG = "model_config/_strings.json"
 # Bytes of output blocks staged in memory before they are committed to the output store.
 WRITE_BATCH_BYTES = 64 << 20
 _PYTREE_METADATA = ("_METADATA", "_sharding", "array_metadatas")
-INSTALL_HINT = "reading Orbax checkpoints needs TensorStore: pip install 'wavg[orbax]'"
+INSTALL_HINT = (
+    "reading Orbax checkpoints needs TensorStore: pip install '.[orbax]' in wavg's source folder"
+)
 
 
 class OrbaxLayout(Layout):
