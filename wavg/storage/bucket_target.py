@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +89,10 @@ class BucketTarget:
         """Best effort: what is left is found again by the next run."""
         self._delete([f"{self.folder_key}/{name}"])
 
+    def remove_from_folder(self, names: list[str]) -> None:
+        """Remove the objects `names` (relative to the output folder), best effort."""
+        self._delete([f"{self.key}/{name}" for name in names])
+
     def _delete(self, keys: list[str]) -> None:
         for key in keys:
             with contextlib.suppress(Exception):
@@ -117,20 +121,21 @@ class BucketTarget:
 
     @contextlib.contextmanager
     def new_folder(
-        self, check: Callable[[list[str] | None], None], last: str | None, kind: str
+        self, check: Callable[[list[str] | None], None], last: Sequence[str], kind: str
     ) -> Iterator[Path]:
         """Yield an empty local folder; on normal exit its files are uploaded under the
-        output's prefix, `last` last (what a reader looks for first), then the objects under
-        the prefix that the new folder lacks are deleted. `check` judges the prefix at the
+        output's prefix, those named in `last` last and in that order (what a reader looks
+        for first), then the objects under the prefix that the new folder lacks are deleted. `check` judges the prefix at the
         start and again just before the upload (it may have changed since)."""
         check(self.folder_names())
         local = Path(tempfile.mkdtemp(dir=self.staging))
         yield local
         before = self.folder_names() or []
         check(before)
+        rank = {name: i for i, name in enumerate(last)}
         files = sorted(
             (p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()),
-            key=lambda r: (r == last, r),
+            key=lambda r: (rank.get(r, -1), r),
         )
         upload([(local / r, f"{self.url}/{r}") for r in files])
         self._delete([f"{self.key}/{r}" for r in sorted(set(before) - set(files))])
