@@ -25,6 +25,7 @@ from support.kerasfiles import assert_one_line_error, run_wavg
 from support.orbax_runs import array_names, keras_jobs, read_array
 from support.remote import BUCKET, get, keys
 
+from wavg.formats.orbax.bucket import last_objects
 from wavg.storage import remote
 
 pytestmark = pytest.mark.slow
@@ -89,8 +90,9 @@ def local_average(root: Path, tmp_path: Path) -> tuple[dict[str, np.ndarray], li
 
 
 def shape_of(names) -> list[str]:
-    """Object or file names of a root, its OCDBT data files (named at random) as ``d/*``."""
-    return sorted(n if "/d/" not in n else n.rsplit("/", 1)[0] + "/*" for n in names)
+    """The object or file names of a root, its OCDBT data files as one ``d/*`` (they are
+    named at random, and TensorStore decides how many it writes)."""
+    return sorted({n if "/d/" not in n else n.rsplit("/", 1)[0] + "/*" for n in names})
 
 
 def wavg_view(url: str) -> dict[str, np.ndarray] | None:
@@ -188,10 +190,11 @@ def test_a_live_runs_claim_refuses_a_second_writer(s3, root, tmp_path):
 def test_a_run_killed_at_any_upload_leaves_no_committed_step_and_the_next_run_cleans_up(
     s3, root, tmp_path
 ):
-    """SIGKILL as the server receives the k-th PUT of the run (its claim, then each object
-    of the step): no reader takes the step as committed (Orbax's listing is empty; wavg sees
-    no step, or one whose arrays are all there), the inputs beside are untouched, and the
-    next run for the same output writes the whole average and leaves nothing else."""
+    """SIGKILL as the server receives the PUT of an object of the step (the first one, the
+    OCDBT manifest, the first marker, the last): no reader takes the step as committed
+    (Orbax's listing is empty; wavg sees no step, or one whose arrays are all there), the
+    inputs beside are untouched, and the next run for the same output writes the whole
+    average and leaves nothing else."""
     client, recorder = s3
     url = upload(client, root, "kill/ckpt")
     inputs = {k: get(client, k) for k in keys(client, "kill/ckpt/")}
@@ -199,19 +202,18 @@ def test_a_run_killed_at_any_upload_leaves_no_committed_step_and_the_next_run_cl
     out = f"s3://{BUCKET}/kill/avg"
     command = [sys.executable, "-m", "wavg.cli", "combine", url, "--last", "3", "-o", out]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    puts = 1 + len(files)  # the claim, then each object
     outcomes = {"no step": 0, "complete step": 0}
-    kills = (2, puts // 2, puts - 4, puts - 3, puts)
-    for k in kills:
+    # The first object (""), the OCDBT manifest, wavg's marker of a step, Orbax's commit point.
+    first, *_, commit_point = last_objects("3")
+    kills = ("", "3/pytree/manifest.ocdbt", first, commit_point)
+    for i, at in enumerate(kills):
         running: list[subprocess.Popen] = []
-        seen = [0]
 
-        def kill_at_put(method, path, environ, k=k, running=running, seen=seen):
-            if method == "PUT" and path.startswith(f"/{BUCKET}/kill/"):
-                seen[0] += 1
-                if seen[0] == k:
-                    os.kill(running[0].pid, signal.SIGKILL)
-                    return False
+        def kill_at_put(method, path, environ, at=at, running=running):
+            key = path.removeprefix(f"/{BUCKET}/kill/avg/")
+            if method == "PUT" and key != path and at in ("", key):
+                os.kill(running[0].pid, signal.SIGKILL)
+                return False
             return None
 
         recorder.hook = kill_at_put
@@ -221,11 +223,11 @@ def test_a_run_killed_at_any_upload_leaves_no_committed_step_and_the_next_run_cl
             recorder.wait_idle()
         finally:
             recorder.hook = None
-        assert running[0].returncode == -signal.SIGKILL, stderr.decode()[-2000:]
+        assert running[0].returncode == -signal.SIGKILL, (at, stderr.decode()[-2000:])
         for key in keys(client, "kill/avg/"):  # kept for Orbax's listing, at the end
             client.copy_object(
                 Bucket=BUCKET,
-                Key=key.replace("kill/avg/", f"killed/{k}/avg/", 1),
+                Key=key.replace("kill/avg/", f"killed/{i}/avg/", 1),
                 CopySource={"Bucket": BUCKET, "Key": key},
             )
         seen_by_wavg = wavg_view(f"{out}/3")
@@ -242,6 +244,7 @@ def test_a_run_killed_at_any_upload_leaves_no_committed_step_and_the_next_run_cl
         assert {k: get(client, k) for k in keys(client, "kill/ckpt/")} == inputs
         for key in keys(client, "kill/avg/"):
             client.delete_object(Bucket=BUCKET, Key=key)
-    assert orbax_steps(*(f"s3://{BUCKET}/killed/{k}/avg" for k in kills)) == [[]] * len(kills)
+    killed = [f"s3://{BUCKET}/killed/{i}/avg" for i in range(len(kills))]
+    assert orbax_steps(*killed) == [[]] * len(kills)
     assert outcomes["no step"] > 0, outcomes
-    print(f"killed at PUTs of {puts}: {outcomes}")
+    print(f"killed at the PUT of each of {kills}: {outcomes}")
