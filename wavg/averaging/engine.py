@@ -40,7 +40,6 @@ from wavg.errors import (
 from wavg.formats.registry import (
     Checkpoint,
     Tensor,
-    check_output,
     expand_checkpoint_dirs,
     open_checkpoint,
     staged_output,
@@ -225,7 +224,6 @@ def run_plan(
             newest = inputs[-1]
             requantizer = plan_quantized(inputs, plan.raw_weights, quantized, block_items)
             _check_compatible(inputs, out_path)
-            check_output(out_location, newest)
             if requantizer is not None:
                 mark_written(newest, requantizer)
             averaged = [t for t in newest.tensors.values() if t.averaged]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wavg.errors import CheckpointError, UsageError
+from wavg.errors import CheckpointError
 from wavg.formats.base import Checkpoint, Tensor, Writer, iter_blocks
 from wavg.formats.orbax import steps as orbax_steps
 from wavg.storage.bytesource import ByteSource
@@ -31,7 +31,6 @@ __all__ = [
     "Recogniser",
     "Tensor",
     "Writer",
-    "check_output",
     "expand_checkpoint_dirs",
     "iter_blocks",
     "local_copies",
@@ -317,14 +316,3 @@ def staged_output(out: Location) -> Iterator[Path]:
 
     with staged_upload(out.url) as local:
         yield local
-
-
-def check_output(out: Location, newest: Checkpoint) -> None:
-    """Refuse, before any tensor is read, object storage as the output of a format that
-    cannot be committed there yet (what else an output may be is the format's own
-    `Checkpoint.check_output`)."""
-    if isinstance(out, Url) and not newest.output_to_url:
-        raise UsageError(
-            f"{out}: writing {newest.layout.name} output to object storage "
-            "is not supported yet; write it to a local directory"
-        )
