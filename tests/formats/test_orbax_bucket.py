@@ -248,3 +248,44 @@ def test_a_run_killed_at_any_upload_leaves_no_committed_step_and_the_next_run_cl
     assert orbax_steps(*killed) == [[]] * len(kills)
     assert outcomes["no step"] > 0, outcomes
     print(f"killed at the PUT of each of {kills}: {outcomes}")
+
+
+def test_a_failed_upload_removes_what_it_uploaded_and_its_claim(s3, root, tmp_path):
+    """The service refuses a marker (every try): an error line naming it, and neither the
+    objects already uploaded nor the claim are left."""
+    client, recorder = s3
+    url = upload(client, root, "fails/ckpt")
+    recorder.fail_prefix, recorder.failures = f"/{BUCKET}/fails/avg/3/_CHECKPOINT_METADATA", 99
+    try:
+        code, _, stderr = run_wavg("combine", url, "-o", f"s3://{BUCKET}/fails/avg")
+    finally:
+        recorder.failures = 0
+    assert code == 1 and "Traceback" not in stderr, stderr
+    last = stderr.strip().splitlines()[-1]  # after the plan table
+    assert last.startswith(f"wavg: error: s3://{BUCKET}/fails/avg/3/_CHECKPOINT_METADATA: ")
+    assert keys(client, "fails/avg/") == [] and claims(client, "fails") == []
+
+
+def test_sigterm_during_the_upload_removes_what_it_uploaded_and_its_claim(s3, root, tmp_path):
+    client, recorder = s3
+    url = upload(client, root, "term/ckpt")
+    out = f"s3://{BUCKET}/term/avg"
+    running: list[subprocess.Popen] = []
+
+    def term_at_manifest(method, path, environ):
+        if method == "PUT" and path == f"/{BUCKET}/term/avg/3/pytree/manifest.ocdbt":
+            os.kill(running[0].pid, signal.SIGTERM)  # lands while the upload goes on
+        return None
+
+    recorder.hook = term_at_manifest
+    try:
+        command = [sys.executable, "-m", "wavg.cli", "combine", url, "-o", out]
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        running.append(subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True))
+        _, stderr = running[0].communicate(timeout=300)
+        recorder.wait_idle()
+    finally:
+        recorder.hook = None
+    assert running[0].returncode == 143, stderr
+    assert "Traceback" not in stderr
+    assert keys(client, "term/avg/") == [] and claims(client, "term") == []
