@@ -42,7 +42,8 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import options
 mode = options.AtomicityOptions(mode=options.AtomicityMode.COMMIT_FILE)
 settings = ocp.CheckpointManagerOptions(read_only=True, atomicity_options=mode)
-print(json.dumps([list(ocp.CheckpointManager(u, options=settings).all_steps()) for u in sys.argv[1:]]))
+roots = [ocp.CheckpointManager(url, options=settings) for url in sys.argv[1:]]
+print(json.dumps([list(root.all_steps()) for root in roots]))
 """
 
 

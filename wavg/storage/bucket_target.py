@@ -125,8 +125,9 @@ class BucketTarget:
     ) -> Iterator[Path]:
         """Yield an empty local folder; on normal exit its files are uploaded under the
         output's prefix, those named in `last` last and in that order (what a reader looks
-        for first), then the objects under the prefix that the new folder lacks are deleted. `check` judges the prefix at the
-        start and again just before the upload (it may have changed since)."""
+        for first), then the objects under the prefix that the new folder lacks are deleted.
+        `check` judges the prefix at the start and again just before the upload (it may
+        have changed since)."""
         check(self.folder_names())
         local = Path(tempfile.mkdtemp(dir=self.staging))
         yield local

@@ -45,10 +45,10 @@ def folder_output(
     """Yield an empty local folder; on normal exit it becomes the output folder `out`.
 
     The caller writes and fsyncs every file in it; in a bucket the files named in `last`
-    are uploaded last, in that order. `check` judges the names the output
-    folder holds (None: no folder yet) before anything is written, and in a bucket again
-    just before the upload; by default only a model folder may be replaced. `kind` names
-    the output in errors ("folder", "directory").
+    are uploaded last, in that order. `check` judges the names the output folder holds
+    (None: no folder yet) before anything is written, and in a bucket again just before the
+    upload; by default only a model folder may be replaced. `kind` names the output in
+    errors ("folder", "directory").
     """
     target = target_for(out)
     if check is None:
