@@ -164,7 +164,7 @@ def test_the_documented_command_writes_the_local_average_readable_by_wavg_keras_
         np.testing.assert_array_equal(loaded[name], want[name].astype(np.float32), name)
 
 
-def test_a_prefix_holding_anything_is_refused_and_left_alone(s3, root, tmp_path):
+def test_a_prefix_holding_anything_is_refused_and_left_alone(s3, root):
     """As on disk, an Orbax output is a new root: the training root itself, or a prefix
     holding objects no wavg run claims, is refused before anything is written."""
     client, _ = s3
@@ -177,7 +177,7 @@ def test_a_prefix_holding_anything_is_refused_and_left_alone(s3, root, tmp_path)
         assert {k: get(client, k) for k in keys(client, "taken/")} == before
 
 
-def test_a_live_runs_claim_refuses_a_second_writer(s3, root, tmp_path):
+def test_a_live_runs_claim_refuses_a_second_writer(s3, root):
     client, _ = s3
     url = upload(client, root, "busy/ckpt")
     stamp = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
@@ -251,7 +251,7 @@ def test_a_run_killed_at_any_upload_leaves_no_committed_step_and_the_next_run_cl
     print(f"killed at the PUT of each of {kills}: {outcomes}")
 
 
-def test_a_failed_upload_removes_what_it_uploaded_and_its_claim(s3, root, tmp_path):
+def test_a_failed_upload_removes_what_it_uploaded_and_its_claim(s3, root):
     """The service refuses a marker (every try): an error line naming it, and neither the
     objects already uploaded nor the claim are left."""
     client, recorder = s3
@@ -267,7 +267,7 @@ def test_a_failed_upload_removes_what_it_uploaded_and_its_claim(s3, root, tmp_pa
     assert keys(client, "fails/avg/") == [] and claims(client, "fails") == []
 
 
-def test_sigterm_during_the_upload_removes_what_it_uploaded_and_its_claim(s3, root, tmp_path):
+def test_sigterm_during_the_upload_removes_what_it_uploaded_and_its_claim(s3, root):
     client, recorder = s3
     url = upload(client, root, "term/ckpt")
     out = f"s3://{BUCKET}/term/avg"
