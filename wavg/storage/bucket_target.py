@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from wavg._runtime import signals_held
 from wavg.errors import OutputError
 from wavg.storage.atomic import CREATE_NEW
 from wavg.storage.locations import redact
@@ -138,5 +139,9 @@ class BucketTarget:
             (p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()),
             key=lambda r: (rank.get(r, -1), r),
         )
-        upload([(local / r, f"{self.url}/{r}") for r in files])
+        for r in files:
+            # One object at a time, whole: a signal raised while a request is in flight would
+            # leave it to finish in fsspec's thread, after the caller's cleanup.
+            with signals_held():
+                upload([(local / r, f"{self.url}/{r}")])
         self._delete([f"{self.key}/{r}" for r in sorted(set(before) - set(files))])
