@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -268,14 +269,23 @@ def test_a_failed_upload_removes_what_it_uploaded_and_its_claim(s3, root):
 
 
 def test_sigterm_during_the_upload_removes_what_it_uploaded_and_its_claim(s3, root):
+    """The signal takes effect between two objects, so the cleanup sees every object the
+    run uploaded: none is left, nor the claim."""
     client, recorder = s3
     url = upload(client, root, "term/ckpt")
     out = f"s3://{BUCKET}/term/avg"
     running: list[subprocess.Popen] = []
+    later = threading.Event()
 
     def term_at_manifest(method, path, environ):
+        """SIGTERM while the manifest's PUT is in flight; the PUT is answered only once the
+        claim is deleted (or after 5 s): a run that acted on the signal before its PUT was
+        answered would see the manifest land after its cleanup."""
         if method == "PUT" and path == f"/{BUCKET}/term/avg/3/pytree/manifest.ocdbt":
-            os.kill(running[0].pid, signal.SIGTERM)  # lands while the upload goes on
+            os.kill(running[0].pid, signal.SIGTERM)
+            later.wait(timeout=5)
+        elif method == "DELETE" and path.startswith(f"/{BUCKET}/term/.avg.wavg-tmp-"):
+            later.set()
         return None
 
     recorder.hook = term_at_manifest
