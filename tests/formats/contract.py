@@ -5,7 +5,7 @@ get three inputs written by Keras (oldest first), how its arrays are read back w
 (h5py, zipfile, TensorStore) and how to name an output; the base class asserts the round trip
 against a float64 numpy reference, the refusal of a truncated input, old-or-new after a
 death at every step of the commit, and the local result from inputs in a bucket and in an
-output written to one (or the format's one-line refusal to write there).
+output written to one.
 """
 
 from __future__ import annotations
@@ -39,8 +39,6 @@ class FormatContract:
     same_bytes: bool = True
     #: the modules whose `os` carries the output's commit steps (see `hm.run_dying_at`)
     commit_modules: tuple[str, ...] = hm.COMMIT_MODULES
-    #: words of wavg's one-line refusal to write this format to a bucket (None: it writes it)
-    bucket_output_refused: str | None = None
 
     @pytest.fixture
     def inputs(self) -> list[Path]:
@@ -221,11 +219,6 @@ class FormatContract:
         client = self.s3_client(s3)
         prefix = f"contract-output/{type(self).__name__}"
         url = f"s3://{BUCKET}/{prefix}/{self.output_name}"
-        if self.bucket_output_refused:
-            code, _, stderr = run_wavg("combine", *inputs, "-o", url)
-            assert_one_line_error(code, stderr, url, self.bucket_output_refused, exit_code=2)
-            assert keys(client, prefix) == []
-            return
         local = tmp_path / "local" / self.output_name
         local.parent.mkdir()
         wavg.combine(inputs, local)

@@ -80,8 +80,6 @@ class TestOrbaxStep(FormatContract):
     output_name = "avg"  # an OrbaxCheckpoint root, holding the newest input's step
     same_bytes = False  # OCDBT names its data files at random and records the store's identity
     commit_modules = (*hm.COMMIT_MODULES, "wavg.formats.orbax.step")
-    # A root in a bucket would need commit_success.txt put last: wavg refuses (read: it works).
-    bucket_output_refused = "not supported yet"
 
     @pytest.fixture
     def inputs(self, request) -> list[Path]:

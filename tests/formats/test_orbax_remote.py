@@ -57,11 +57,6 @@ def upload(client, root: Path, prefix: str) -> str:
     return f"s3://{BUCKET}/{prefix}"
 
 
-def keys(client, prefix: str) -> list[str]:
-    listing = client.list_objects_v2(Bucket=BUCKET, Prefix=prefix)
-    return sorted(o["Key"] for o in listing.get("Contents", []))
-
-
 def _metadata_files(step: Path) -> dict[str, bytes]:
     """The files of a step but its OCDBT data files (named at random when written) and
     commit markers (which name the output)."""
@@ -187,15 +182,6 @@ def test_missing_credentials_are_one_line(s3, monkeypatch, tmp_path):
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     url = f"s3://{BUCKET}/run/functional"
     _refused(tmp_path, url, words=(url, "no credentials found"))
-
-
-def test_writing_an_orbax_output_to_a_bucket_is_refused_before_anything_is_written(
-    s3, local_roots, tmp_path
-):
-    url = upload(s3, local_roots / "functional", "run/to-bucket")
-    code, _, stderr = run_wavg("combine", url, "-o", f"s3://{BUCKET}/averaged")
-    assert_one_line_error(code, stderr, f"s3://{BUCKET}/averaged", "not supported yet", exit_code=2)
-    assert keys(s3, "averaged") == []
 
 
 def test_tensorstore_logs_nothing_on_stderr_beside_wavgs_own_lines(s3, local_roots, tmp_path):

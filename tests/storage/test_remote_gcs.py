@@ -248,3 +248,29 @@ def test_an_output_to_a_missing_gs_bucket_writes_nothing(gcs, runs, tmp_path):
     target = "gs://no-such-bucket-wavg/avg.h5"
     code, _, err = run_wavg("combine", *files, "-o", target)
     assert_one_line_error(code, err, target, "no such bucket")
+
+
+@pytest.mark.slow
+def test_an_orbax_root_written_to_gs_holds_the_local_average(gcs, orbax_roots, tmp_path):
+    """Local Orbax steps, the average written to gs:// (see docs/orbax-buckets.md): the root
+    holds the local average's arrays bit for bit, its step marked committed, nothing beside."""
+    from support.orbax_runs import array_names, read_array
+
+    fs, _ = gcs
+    root = orbax_roots / "jax" / "functional"
+    local = tmp_path / "local"
+    assert run_wavg("combine", root, "--last", "3", "-o", local)[0] == 0
+    target = f"gs://{BUCKET}/orbax/avg"
+    code, _, err = run_wavg("combine", root, "--last", "3", "-o", target)
+    assert code == 0, err
+    fs.invalidate_cache()
+    assert all(p.startswith(f"{BUCKET}/orbax/avg/3/") for p in fs.find(f"{BUCKET}/orbax"))
+    back = tmp_path / "back"
+    fs.get(f"{BUCKET}/orbax/avg/", str(back), recursive=True)
+    marker = (back / "3" / "commit_success.txt").read_text()
+    assert marker == f"Checkpoint commit was successful to {target}/3"
+    names = array_names(local / "3")
+    assert array_names(back / "3") == names and names
+    for name in names:
+        got, want = read_array(back / "3", name), read_array(local / "3", name)
+        assert got.dtype == want.dtype and got.tobytes() == want.tobytes(), name

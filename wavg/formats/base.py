@@ -141,9 +141,6 @@ class Checkpoint:
     `keep_open`, sums its transfer counters and checks it unchanged after the last read.
     """
 
-    # Whether an output in this format can be staged locally and uploaded file by file.
-    output_to_url = True
-
     def __init__(self, file: InputSource, layout: Layout) -> None:
         self.file = file
         self.path = file.path

@@ -33,7 +33,6 @@ __all__ = [
     "Recogniser",
     "Tensor",
     "Writer",
-    "check_output",
     "check_output_name",
     "commit_parts",
     "input_versions",
@@ -375,17 +374,6 @@ def staged_output(out: Location) -> Iterator[Path]:
 
     with staged_upload(out.url) as local:
         yield local
-
-
-def check_output(out: Location, newest: Checkpoint) -> None:
-    """Refuse, before any tensor is read, object storage as the output of a format that
-    cannot be committed there yet (what else an output may be is the format's own
-    `Checkpoint.check_output`)."""
-    if isinstance(out, Url) and not newest.output_to_url:
-        raise UsageError(
-            f"{out}: writing {newest.layout.name} output to object storage "
-            "is not supported yet; write it to a local directory"
-        )
 
 
 def check_output_name(

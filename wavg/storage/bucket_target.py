@@ -12,10 +12,11 @@ import contextlib
 import os
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from wavg._runtime import signals_held
 from wavg.errors import CleanupWarning, OutputError
 from wavg.storage.atomic import CREATE_NEW
 from wavg.storage.locations import redact
@@ -96,6 +97,10 @@ class BucketTarget:
         """Best effort: what is left is found again by the next run."""
         self._delete([f"{self.folder_key}/{name}"])
 
+    def remove_from_folder(self, names: list[str]) -> None:
+        """Remove the objects `names` (relative to the output folder), best effort."""
+        self._delete([f"{self.key}/{name}" for name in names])
+
     def _delete(self, keys: list[str]) -> list[str]:
         """Remove `keys`, best effort; the keys left behind."""
         left = []
@@ -129,23 +134,29 @@ class BucketTarget:
 
     @contextlib.contextmanager
     def new_folder(
-        self, check: Callable[[list[str] | None], None], last: str | None, kind: str
+        self, check: Callable[[list[str] | None], None], last: Sequence[str], kind: str
     ) -> Iterator[Path]:
         """Yield an empty local folder; on normal exit its files are uploaded under the
-        output's prefix, `last` last (what a reader looks for first), then the objects under
-        the prefix that the new folder lacks are deleted. `check` judges the prefix at the
-        start and again just before the upload (it may have changed since)."""
+        output's prefix, those named in `last` last and in that order (what a reader looks
+        for first), then the objects under the prefix that the new folder lacks are deleted.
+        `check` judges the prefix at the start and again just before the upload (it may
+        have changed since)."""
         check(self.folder_names())
         abort_stale_uploads(self.url, folder=True)
         local = Path(tempfile.mkdtemp(dir=self.staging))
         yield local
         before = self.folder_names() or []
         check(before)
+        rank = {name: i for i, name in enumerate(last)}
         files = sorted(
             (p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()),
-            key=lambda r: (r == last, r),
+            key=lambda r: (rank.get(r, -1), r),
         )
-        upload([(local / r, f"{self.url}/{r}") for r in files])
+        for r in files:
+            # One object at a time, whole: a signal raised while a request is in flight would
+            # leave it to finish in fsspec's thread, after the caller's cleanup.
+            with signals_held():
+                upload([(local / r, f"{self.url}/{r}")])
         # Committed: what the new folder lacks is removed as cleanup, and a failure is only
         # reported (the next run's `before` finds it again).
         left = self._delete([f"{self.key}/{r}" for r in sorted(set(before) - set(files))])

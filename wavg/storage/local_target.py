@@ -16,7 +16,7 @@ import re
 import shutil
 import stat
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from wavg._runtime import signals_held
@@ -151,7 +151,7 @@ class LocalTarget:
 
     @contextlib.contextmanager
     def new_folder(
-        self, check: Callable[[list[str] | None], None], last: str | None, kind: str
+        self, check: Callable[[list[str] | None], None], last: Sequence[str], kind: str
     ) -> Iterator[Path]:
         """Yield an empty temporary folder next to the output; on normal exit it becomes it.
 

@@ -13,7 +13,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -65,9 +65,10 @@ class Target(Protocol):
         """The files of the output as a folder; None if there is none."""
 
     def new_folder(
-        self, check: Callable[[list[str] | None], None], last: str | None, kind: str
+        self, check: Callable[[list[str] | None], None], last: Sequence[str], kind: str
     ) -> contextlib.AbstractContextManager[Path]:
-        """An empty local folder that replaces the output folder on normal exit."""
+        """An empty local folder that replaces the output folder on normal exit (in a
+        bucket, the files named in `last` are uploaded last, in that order)."""
 
 
 def target_for(out: Path) -> Target:

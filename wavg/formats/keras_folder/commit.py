@@ -10,7 +10,7 @@ first) uploaded last and then the objects the new folder lacks deleted (see the 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from wavg.errors import OutputError
@@ -39,15 +39,16 @@ def _refuse_unless_model(display: str) -> Callable[[list[str] | None], None]:
 def folder_output(
     out: Path,
     check: Callable[[list[str] | None], None] | None = None,
-    last: str | None = CONFIG,
+    last: Sequence[str] = (CONFIG,),
     kind: str = "folder",
 ) -> Iterator[Path]:
     """Yield an empty local folder; on normal exit it becomes the output folder `out`.
 
-    The caller writes and fsyncs every file in it. `check` judges the names the output
-    folder holds (None: no folder yet) before anything is written, and in a bucket again
-    just before the upload; by default only a model folder may be replaced. `kind` names
-    the output in errors ("folder", "directory").
+    The caller writes and fsyncs every file in it; in a bucket the files named in `last`
+    are uploaded last, in that order. `check` judges the names the output folder holds
+    (None: no folder yet) before anything is written, and in a bucket again just before the
+    upload; by default only a model folder may be replaced. `kind` names the output in
+    errors ("folder", "directory").
     """
     target = target_for(out)
     if check is None:

@@ -3,8 +3,8 @@
 A step's float ``trainable_variables`` and ``non_trainable_variables`` are averaged chunk by
 chunk (a read decodes whole chunks, so a block is one chunk and memory is bounded by the
 largest per-device shard); the output is a new root holding one step, written under a
-temporary name and renamed. This module never imports jax or orbax, and TensorStore only
-when an Orbax input is met.
+temporary name and renamed (in a bucket: uploaded with the step's markers last). This module
+never imports jax or orbax, and TensorStore only when an Orbax input is met.
 """
 
 from __future__ import annotations
@@ -44,8 +44,10 @@ from wavg.formats.orbax.steps import COMMIT_MARKER, PYTREE, StepFiles, StepUrl
 from wavg.formats.quantized import HINT as QUANTIZED_HINT
 from wavg.formats.quantized import QuantizedCheckpoint
 from wavg.storage.atomic import fsync_directory
+from wavg.storage.local_target import LocalTarget
 from wavg.storage.locations import is_plain_relative_path
 from wavg.storage.remote import scrub
+from wavg.storage.target import target_for
 
 if TYPE_CHECKING:
     from wavg.formats.orbax.remote import RemoteStepFiles
@@ -87,8 +89,6 @@ def _message(exc: BaseException) -> str:
 
 class OrbaxStep(Checkpoint):
     """One committed step directory of an OrbaxCheckpoint root."""
-
-    output_to_url = False  # a bucket needs commit_success.txt last: not supported yet
 
     def __init__(self, path: str | StepUrl) -> None:
         ts = _tensorstore(str(path))
@@ -207,7 +207,14 @@ class OrbaxStep(Checkpoint):
             )
 
     def check_output(self, out: Path) -> None:
-        """The output is a new root directory: it must not exist yet (an empty one is fine)."""
+        """The output is a new root: on disk a directory that does not exist yet (an empty
+        one is fine), in a bucket a prefix that holds nothing (see `orbax.bucket`)."""
+        target = target_for(out)
+        if not isinstance(target, LocalTarget):
+            from wavg.formats.orbax.bucket import check_new_root
+
+            check_new_root(target)
+            return
         if not out.parent.is_dir():
             raise OutputError(out, f"directory {out.parent} does not exist")
         if out.is_symlink() or (out.exists() and not (out.is_dir() and not any(out.iterdir()))):
@@ -217,16 +224,25 @@ class OrbaxStep(Checkpoint):
 
     @contextlib.contextmanager
     def output(self, out: Path, keep: Callable[[str], bool] | None) -> Iterator[Writer]:
-        """Write a new root at `out` holding this step's number; it takes `out`'s place as a
-        model folder does (`keras_folder.commit.folder_output`): built whole under a
-        temporary name, fsynced, swapped in; removed on failure, and a killed run's leftover
-        removed by the next run for `out`. Writing to a bucket is not supported.
+        """Write a new root at `out` holding this step's number. On disk it takes `out`'s
+        place as a model folder does (`keras_folder.commit.folder_output`): built whole under
+        a temporary name, fsynced, swapped in; removed on failure, and a killed run's
+        leftover removed by the next run for `out`. In a bucket it is built in a local
+        staging folder and uploaded with the step's markers last (`orbax.bucket.new_root`).
         """
         self.check_output(out)  # first: its own words for a file or a folder in the way
-        with folder_output(
-            out, lambda _names: self.check_output(out), last=None, kind="directory"
-        ) as tmp:
-            writer = OrbaxWriter(self, tmp, out, keep)
+        target = target_for(out)
+        step = self.files.name
+        if isinstance(target, LocalTarget):
+            folder = folder_output(
+                out, lambda _names: self.check_output(out), last=(), kind="directory"
+            )
+        else:
+            from wavg.formats.orbax.bucket import new_root
+
+            folder = new_root(target, step)
+        with folder as tmp:
+            writer = OrbaxWriter(self, tmp, f"{target.display}/{step}", keep)
             try:
                 yield writer
             finally:
@@ -237,11 +253,15 @@ class OrbaxWriter(Writer):
     """Builds the output step: the newest step's metadata, its arrays copied or averaged."""
 
     def __init__(
-        self, template: OrbaxStep, tmp_root: Path, out: Path, keep: Callable[[str], bool] | None
+        self,
+        template: OrbaxStep,
+        tmp_root: Path,
+        final_step: str,
+        keep: Callable[[str], bool] | None,
     ) -> None:
         self.template = template
         self.root = tmp_root
-        self.final_step = out / template.files.name
+        self.final_step = final_step  # where the step is committed, as its markers say
         self.step = tmp_root / template.files.name
         self.stores: dict[str, Any] = {}
         # Writes are staged in a transaction and committed every WRITE_BATCH_BYTES: each
