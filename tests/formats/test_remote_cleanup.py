@@ -8,6 +8,7 @@ import os
 
 import pytest
 from support import multifile as hm
+from support import safety as hs
 from support.kerasfiles import run_wavg
 from support.latency_proxy import LatencyProxy
 from support.remote import BUCKET, keys
@@ -107,3 +108,24 @@ def test_the_next_run_for_an_output_aborts_the_upload_an_outage_left_unfinished(
     code, _, err = run_wavg("combine", *multi.folders, "-o", f"s3://{BUCKET}/stale/dir")
     assert code == 0, err
     assert uploads(client, "stale/") == {"stale/avg.h5.bak"}  # another output's: kept
+
+
+def test_wavg_commit_reports_a_failed_cleanup_as_one_warning_line_and_exits_0(s3, proxy, multi):
+    """`wavg commit` retires the previous output after the index, as combine does; an outage
+    then is a `wavg: warning:` line (not Python's warning format with a file and line)."""
+    import subprocess
+
+    client, _ = s3
+    target = f"s3://{BUCKET}/outage-parts/avg.weights.json"
+    assert run_wavg("combine", *multi.sharded[:2], "-o", target)[0] == 0
+    first = index_names(client, "outage-parts/avg.weights.json")
+    for part in ("1/2", "2/2"):
+        code, _, err = run_wavg("combine", *multi.sharded, "-o", target, "--part", part)
+        assert code == 0, err
+    proxy.cut_after(lambda method, path: method == "PUT" and path.endswith("/avg.weights.json"))
+    done = subprocess.run([*hs.WAVG, "commit", target], capture_output=True, text=True, cwd=hs.ROOT)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("wavg: warning: "), done.stderr
+    assert "avg.weights.json" in lines[0]
+    assert first.isdisjoint(index_names(client, "outage-parts/avg.weights.json"))
