@@ -90,7 +90,7 @@ class KerasCheckpoint(Hdf5Checkpoint):
         else:
             # A re-zipped archive: readable, but only through the zip stream (no raw reads).
             self._data_start = None
-            self._load_tensors(base_offset=0, data_end=info.file_size)
+            self._load_tensors(base_offset=0, data_end=info.file_size, in_file=False)
             self.tensors = {n: _without_offset(t) for n, t in self.tensors.items()}
 
     def _weights_reader(self) -> Callable[[int, int], bytes]:

@@ -96,6 +96,13 @@ class ByteSource(InputSource, Protocol):
         source that fetches ahead shares one memory budget among them). Replaces the
         previous hint."""
 
+    def cache_small_reads(self, ranges: Sequence[tuple[int, int]]) -> bool:
+        """A hint, never a promise: ``(offset, size)`` ranges of small reads soon to come one
+        after another, each chosen by what the previous one said (a parser walking a file's
+        structure). A source that pays a round trip per read fetches them now, concurrently,
+        into the cache its small reads are served from; a local file does nothing. False when
+        the cache has no room for them (nothing was fetched): stop hinting."""
+
     def copy_range_to(self, dst_fd: int, src_at: int, dst_at: int, count: int) -> None:
         """Copy `count` bytes at `src_at` into the output descriptor `dst_fd` at `dst_at`
         (in the kernel when both are local); a short source is a `CheckpointError`."""

@@ -158,6 +158,9 @@ class InputFile:
         """A hint: ``(offset, size)`` ranges about to be read with `readinto`, in order, by
         one of `readers` inputs read in lockstep. A local file leaves read-ahead to the kernel."""
 
+    def cache_small_reads(self, ranges: Sequence[tuple[int, int]]) -> bool:
+        """A hint: nothing to do, a local read costs no round trip (True: nothing to wait for)."""
+
     def copy_range_to(self, dst_fd: int, src_at: int, dst_at: int, count: int) -> None:
         """Copy `count` bytes at `src_at` to `dst_fd` at `dst_at`, in the kernel if it can."""
         with self.fd() as src_fd:

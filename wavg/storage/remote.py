@@ -23,6 +23,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -625,6 +626,47 @@ class RemoteFile:
         chunks.sort(key=lambda c: c.start)
         self._chunks, self._starts = chunks, [c.start for c in chunks]
         _prefetcher.submit(self, chunks)
+
+    def cache_small_reads(self, ranges: Sequence[tuple[int, int]]) -> bool:
+        """Fetch the pages that cover `ranges` into the page cache, at most
+        `requests_in_flight` requests at once, neighbouring pages in one request: a walk of
+        the structure then finds a round's pages cached instead of waiting for each in
+        turn. Pages already cached are not fetched again. False, fetching nothing, when
+        they would not fit beside the cached pages (evicting those would undo an earlier
+        round): the walk then reads the rest itself."""
+        wanted = sorted(
+            {
+                page
+                for start, length in ranges
+                if 0 <= start < self.size and length > 0
+                for page in range(start // PAGE, (min(start + length, self.size) - 1) // PAGE + 1)
+            }
+        )
+        with self._page_lock:
+            missing = [page for page in wanted if page not in self._pages]
+            if len(self._pages) + len(missing) > MAX_PAGES:
+                return False
+        runs: list[list[int]] = []
+        for page in missing:
+            if runs and runs[-1][-1] == page - 1:
+                runs[-1].append(page)
+            else:
+                runs.append([page])
+        if not runs:
+            return True
+
+        def get(run: list[int]) -> tuple[list[int], bytes]:
+            return run, self.fetch(run[0] * PAGE, min(self.size, (run[-1] + 1) * PAGE))
+
+        with ThreadPoolExecutor(min(len(runs), requests_in_flight())) as pool:
+            fetched = list(pool.map(get, runs))
+        with self._page_lock:
+            for run, data in fetched:
+                for i, page in enumerate(run):
+                    self._pages[page] = data[i * PAGE : (i + 1) * PAGE]
+            while len(self._pages) > MAX_PAGES:
+                self._pages.popitem(last=False)
+        return True
 
     def copy_range_to(self, dst_fd: int, src_at: int, dst_at: int, count: int) -> None:
         """Copy `count` bytes at `src_at` to `dst_fd` at `dst_at`, a chunk at a time."""

@@ -19,6 +19,7 @@ import numpy as np
 
 from wavg.errors import CheckpointError
 from wavg.formats.base import Checkpoint, Tensor, Writer, slots, whole
+from wavg.formats.hdf5.prefetch import prefetch_structure
 from wavg.formats.hdf5.walk import (
     check_global_heaps,
     confirm_opaque_types,
@@ -84,8 +85,13 @@ class Hdf5Checkpoint(Checkpoint):
         """Reads bytes of the HDF5 weights file at physical offsets (see `_load_tensors`)."""
         return self.file.read_at
 
-    def _load_tensors(self, base_offset: int, data_end: int) -> None:
+    def _load_tensors(self, base_offset: int, data_end: int, in_file: bool = True) -> None:
+        """Walk and check the HDF5 file at ``base_offset … data_end`` of the input; `in_file`:
+        it lies there byte for byte (not behind a decompressing stream), so its structure can
+        be fetched ahead of the walk from storage that costs a round trip per read."""
         self._span = (base_offset, data_end)
+        if in_file and self.file.prefetches:
+            prefetch_structure(self.file, base_offset, data_end)
         with self.weights_h5() as h5:
             tensors = walk(
                 h5, self.path, lambda n: not self.layout.is_optimizer(n), base_offset, data_end
