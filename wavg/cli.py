@@ -107,6 +107,18 @@ def quiet_option(command: Callable[..., object]) -> Callable[..., object]:
     )(command)
 
 
+def order_option(command: Callable[..., object]) -> Callable[..., object]:
+    """The ``--order`` flag of every command that takes checkpoints: how they are put oldest
+    first (combine, evaluate and soup order them alike)."""
+    return click.option(
+        "--order",
+        type=click.Choice(ORDERS),
+        default="natural",
+        show_default=True,
+        help="natural: by the epoch number in the names; given: as listed. Last = newest.",
+    )(command)
+
+
 class _StdoutFailed(WavgError):
     """stdout could not be written (a full disk, a closed pipe) after the work was done."""
 
@@ -263,13 +275,7 @@ def _selection_options(by_help: str, best: bool = True) -> Callable[..., object]
     help="Average only the N newest checkpoints (several N: one output each, -o with {n}).",
 )
 @_selection_options("Rank by this metric (min for names with loss/error, else max).")
-@click.option(
-    "--order",
-    type=click.Choice(ORDERS),
-    default="natural",
-    show_default=True,
-    help="natural: by the epoch number in the names; given: as listed. Last = newest.",
-)
+@order_option
 @click.option("--dry-run", is_flag=True, help="Check the inputs and print the plan; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @click.option("--allow-nonfinite", is_flag=True, help="Average tensors that hold NaN or Inf.")
@@ -826,13 +832,7 @@ def train_save_command(
 @click.option("--model", "model_file", default=None, help="Architecture (FILE.keras).")
 @click.option("--custom-objects", default=None, help="Module defining the model's classes.")
 @click.option("--trust-file", is_flag=True, help="Load files even if they hold code.")
-@click.option(
-    "--order",
-    type=click.Choice(ORDERS),
-    default="natural",
-    show_default=True,
-    help="natural: by the epoch number in the names; given: as listed. Last = newest.",
-)
+@order_option
 @quiet_option
 @needs_extra("keras")
 def evaluate_command(
@@ -989,13 +989,7 @@ def bn_update_command(
     "--bn-data", default=None, help="Recalibrate BatchNorm on 'blobs', 'digits' or FILE.npz."
 )
 @click.option("--batch-size", type=int, default=32, show_default=True, help="For --bn-data.")
-@click.option(
-    "--order",
-    type=click.Choice(ORDERS),
-    default="natural",
-    show_default=True,
-    help="natural: by the epoch number in the names; given: as listed.",
-)
+@order_option
 @click.option("--json", "as_json", is_flag=True, help="JSON on stdout (wavg.soup/1).")
 @click.option("--model", "model_file", default=None, help="Architecture (FILE.keras).")
 @click.option("--custom-objects", default=None, help="Module defining the model's classes.")
