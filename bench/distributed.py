@@ -32,6 +32,8 @@ from workloads import Dataset, Model
 PARTS = 4
 WORKERS = (1, 2, 4)
 # `--small`: the same shape of workload at a quarter of the bytes, for a quick look.
+# 8 x 109 MB .weights.h5 of a wide MLP: few, large tensors, so each part's share is clear.
+MLP_110MB = Dataset("remote-110MB", Model("mlp-110MB", input_dim=4096, units=(4096, 2560)), 7000)
 SMALL = Dataset("remote-28MB", Model("mlp-28MB", input_dim=2048, units=(2048, 1280)), 7001)
 
 
@@ -59,52 +61,44 @@ def _measured(command: list[str], env: dict[str, str]) -> tuple[float, dict, int
     return seconds, json.loads(stdout) if stdout.strip() else {}, peak
 
 
-def run(
-    root: Path, wavg: Path, keep: bool = False, dataset: Dataset = remote_workload.REMOTE
-) -> list[str]:
+def run(root: Path, wavg: Path, keep: bool = False, dataset: Dataset = MLP_110MB) -> list[str]:
     """Measure the distributed workload; returns the lines for the closing note."""
     files_n = remote_workload.FILES
     checkpoints.ensure(root, [(dataset, "weights", files_n)])
     files = checkpoints.checkpoint_paths(root, dataset, "weights", files_n)
     size = sum(p.stat().st_size for p in files)
-    server, env = remote_workload._server_env()
-    full_env = {**os.environ, **env}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     scratch = Path(tempfile.mkdtemp(prefix="wavg-distributed-bench-", dir=root))
     for folder in ("single", "parts", *(f"dask{k}" for k in WORKERS)):
         (scratch / folder).mkdir()
     try:
-        import boto3
+        with remote_workload.s3_server() as env:
+            full_env = {**os.environ, **env}
+            import boto3
 
-        client = boto3.client("s3")
-        client.create_bucket(Bucket=remote_workload.BUCKET)
-        for path in files:
-            client.upload_file(str(path), remote_workload.BUCKET, f"dist/{path.name}")
-        urls = [f"s3://{remote_workload.BUCKET}/dist/{p.name}" for p in files]
-        combine = [str(wavg), "combine", *urls, "--json", "-o"]
-        single_s, single, single_rss = _measured(
-            [*combine, str(scratch / "single" / "avg.weights.json")], full_env
-        )
-        parts = []
-        out = scratch / "parts" / "avg.weights.json"
-        for index in range(1, PARTS + 1):
-            parts.append(_measured([*combine, str(out), "--part", f"{index}/{PARTS}"], full_env))
-        commit_s, _, commit_rss = _measured([str(wavg), "commit", str(out), "--json"], full_env)
-        dask = {}
-        for workers in WORKERS:
-            target = scratch / f"dask{workers}" / "avg.weights.json"
-            dask[workers] = _measured(
-                [*combine, str(target), "--dask", f"local:{workers}"], full_env
+            client = boto3.client("s3")
+            client.create_bucket(Bucket=remote_workload.BUCKET)
+            for path in files:
+                client.upload_file(str(path), remote_workload.BUCKET, f"dist/{path.name}")
+            urls = [f"s3://{remote_workload.BUCKET}/dist/{p.name}" for p in files]
+            combine = [str(wavg), "combine", *urls, "--json", "-o"]
+            single_s, single, single_rss = _measured(
+                [*combine, str(scratch / "single" / "avg.weights.json")], full_env
             )
+            parts = []
+            out = scratch / "parts" / "avg.weights.json"
+            for index in range(1, PARTS + 1):
+                parts.append(
+                    _measured([*combine, str(out), "--part", f"{index}/{PARTS}"], full_env)
+                )
+            commit_s, _, commit_rss = _measured([str(wavg), "commit", str(out), "--json"], full_env)
+            dask = {}
+            for workers in WORKERS:
+                target = scratch / f"dask{workers}" / "avg.weights.json"
+                dask[workers] = _measured(
+                    [*combine, str(target), "--dask", f"local:{workers}"], full_env
+                )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        server.stop()
         if not keep:
             checkpoints.remove(root, dataset)
     tensor = [s["bytes_read"] for _, s, _ in parts]  # averaged tensor bytes, all inputs
@@ -135,7 +129,7 @@ def main() -> int:
     parser.add_argument("--small", action="store_true", help="a 28 MB model instead of 110 MB")
     args = parser.parse_args()
     wavg = Path(sys.executable).parent / "wavg"
-    dataset = SMALL if args.small else remote_workload.REMOTE
+    dataset = SMALL if args.small else MLP_110MB
     for line in run(args.out, wavg, args.keep, dataset):
         print(line)
     return 0

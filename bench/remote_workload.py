@@ -18,6 +18,7 @@ Run alone with ``python bench/remote_workload.py [--out DIR] [--model NAME]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import checkpoints
@@ -82,6 +84,24 @@ def _server_env() -> tuple[object, dict[str, str]]:
         "AWS_EC2_METADATA_DISABLED": "true",
     }
     return server, env
+
+
+@contextlib.contextmanager
+def s3_server() -> Iterator[dict[str, str]]:
+    """The bench's S3 server, with this process's environment pointed at it while it runs:
+    yields the variables it sets, which are put back (and the server stopped) on exit."""
+    server, env = _server_env()
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield env
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()
 
 
 def _download_seconds(urls: list[str], directory: Path, endpoint: str) -> float:
@@ -145,38 +165,32 @@ def run(
     checkpoints.ensure(root, [(dataset, FORMAT, FILES)])
     files = checkpoints.checkpoint_paths(root, dataset, FORMAT, FILES)
     size = sum(p.stat().st_size for p in files)
-    server, env = _server_env()
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     rows = []
     try:
-        import boto3
+        with s3_server() as env:
+            import boto3
 
-        client = boto3.client("s3")
-        client.create_bucket(Bucket=BUCKET)
-        for path in files:
-            client.upload_file(str(path), BUCKET, f"run/{path.name}")
-        urls = [f"s3://{BUCKET}/run/{p.name}" for p in files]
-        scratch = Path(tempfile.mkdtemp(prefix="wavg-remote-bench-", dir=root))
-        rate = rate_mbps * 1e6 if rate_mbps else None
-        for delay_ms in delays_ms:
-            with LatencyProxy(env["AWS_ENDPOINT_URL"], delay=delay_ms / 1000, rate=rate) as link:
-                shaped = {**env, "AWS_ENDPOINT_URL": link.url}
-                downloads, runs = [], []
-                for _ in range(REPEATS):  # interleaved, so both see the same machine load
-                    downloads.append(_download_seconds(urls, scratch / "download", link.url))
-                    runs.append(_wavg_run(wavg, urls, scratch / "avg.h5", shaped))
-            seconds, summary = min(runs, key=lambda r: r[0])
-            rows.append(_row(delay_ms, min(downloads), seconds, summary))
-            print(rows[-1], file=sys.stderr)
-        shutil.rmtree(scratch, ignore_errors=True)
+            client = boto3.client("s3")
+            client.create_bucket(Bucket=BUCKET)
+            for path in files:
+                client.upload_file(str(path), BUCKET, f"run/{path.name}")
+            urls = [f"s3://{BUCKET}/run/{p.name}" for p in files]
+            scratch = Path(tempfile.mkdtemp(prefix="wavg-remote-bench-", dir=root))
+            rate = rate_mbps * 1e6 if rate_mbps else None
+            for delay_ms in delays_ms:
+                with LatencyProxy(
+                    env["AWS_ENDPOINT_URL"], delay=delay_ms / 1000, rate=rate
+                ) as link:
+                    shaped = {**env, "AWS_ENDPOINT_URL": link.url}
+                    downloads, runs = [], []
+                    for _ in range(REPEATS):  # interleaved, so both see the same machine load
+                        downloads.append(_download_seconds(urls, scratch / "download", link.url))
+                        runs.append(_wavg_run(wavg, urls, scratch / "avg.h5", shaped))
+                seconds, summary = min(runs, key=lambda r: r[0])
+                rows.append(_row(delay_ms, min(downloads), seconds, summary))
+                print(rows[-1], file=sys.stderr)
+            shutil.rmtree(scratch, ignore_errors=True)
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        server.stop()
         if not keep:
             checkpoints.remove(root, dataset)
     link = f"{rate_mbps:g} MB/s link" if rate_mbps else "no rate limit"
